@@ -1,0 +1,3 @@
+from lightning_cil.cli import main
+
+main()

@@ -1,0 +1,372 @@
+"""The data side of a task stream: which samples belong to which task, and their loaders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_cil.data.datasets import (
+    DatasetOptions,
+    DatasetSplits,
+    ImageSplit,
+    dataset_channels,
+    default_in_memory,
+    load_dataset,
+)
+from lightning_cil.data.samplers import ShardedEvalSampler
+from lightning_cil.data.scenario import (
+    DEFAULT_CLASS_ORDER_SEED,
+    Scenario,
+    TaskInfo,
+    parse_protocol,
+    resolve_class_order,
+    split_classes,
+)
+from lightning_cil.data.transforms import DEFAULT_PRESET, build_transforms
+
+__all__ = ["TaskDataset", "TaskStreamDataModule"]
+
+
+class TaskDataset(Dataset):
+    """Samples of a split as ``(image, label, task)``: labels are stream labels (class-order positions)."""
+
+    def __init__(self, split: ImageSplit, indices: Tensor, labels: Tensor, tasks: Tensor, transform) -> None:
+        self.split = split
+        self.indices = indices
+        self.labels = labels
+        self.tasks = tasks
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        j = int(self.indices[i])
+        return self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
+
+
+class TaskStreamDataModule(L.LightningDataModule):
+    """Feeds a class-, task- or domain-incremental stream, one task at a time.
+
+    The stream runner calls :meth:`set_task` before each task's fit; the loaders then serve that
+    task's training data (plus the method's exemplars, see ``exemplar_indices`` on the module) and the
+    test data of every task seen so far, each batch as ``(images, labels, task_ids)``.
+
+    Args:
+        dataset: one of ``digits``, ``cifar10``, ``cifar100``, ``imagenet100``, ``imagenet1000``,
+            ``imagefolder`` (``root/train/<class>``, ``root/test/<class>``) or ``domains``
+            (``root/<domain>/<class>``, e.g. PACS).
+        root: dataset folder; not needed for ``digits``.
+        scenario: ``class`` (task id unknown at test time), ``task`` (known; for ``domains`` each domain is a
+            task with its own labels), or ``domain`` (same classes, one domain per task).
+        protocol: preset such as ``B0_Inc10`` or ``B50_Inc10``; alternative to initial_classes/increment.
+        initial_classes: classes of the first task.
+        increment: classes per later task, or a list of the later tasks' sizes.
+        class_order: explicit class order (indices or names); default: a permutation seeded by class_order_seed.
+        class_order_seed: seed of that permutation (1993 in iCaRL, PyCIL and DER); None keeps the dataset's order.
+        domains: domain folders to use, in task order (``domains`` dataset); default: all, sorted.
+        imagenet_subset: ``podnet`` (PODNet/DER's ImageNet-100, default) or ``seed1993``.
+        augmentation: transform preset; default depends on the dataset.
+        batch_size: training batch size per process.
+        eval_batch_size: evaluation batch size per process (default: batch_size).
+        num_workers: loader worker processes.
+        pin_memory: default: on when training on a GPU.
+        persistent_workers: keep workers between epochs (faster; resume is then not bit-exact).
+        in_memory: decode every image once into memory; default on for small datasets.
+        max_train_per_class: keep at most this many training images per class (seeded); for quick runs.
+        max_test_per_class: the same for test images.
+        subset_seed: seed of those subsets.
+        test_fraction: share held out as test set by datasets that have none (digits, domains).
+        split_seed: seed of that hold-out split.
+        download: let torchvision download CIFAR into root (needs internet).
+        val_during_fit: run validation on the seen classes after every epoch of a fit (costs time).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "cifar100",
+        root: str | None = None,
+        scenario: Scenario = "class",
+        protocol: str | None = None,
+        initial_classes: int | None = None,
+        increment: int | list[int] | None = None,
+        class_order: list[int | str] | None = None,
+        class_order_seed: int | None = DEFAULT_CLASS_ORDER_SEED,
+        domains: list[str] | None = None,
+        imagenet_subset: str = "podnet",
+        augmentation: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = False,
+        in_memory: bool | None = None,
+        max_train_per_class: int | None = None,
+        max_test_per_class: int | None = None,
+        subset_seed: int = 0,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        download: bool = False,
+        val_during_fit: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if scenario not in ("class", "task", "domain"):
+            raise ValueError(f"scenario={scenario!r} is unknown; choose 'class', 'task' or 'domain'.")
+        if protocol is not None and (initial_classes is not None or increment is not None):
+            raise ValueError(
+                f"protocol={protocol!r} already sets initial_classes and increment; set either the protocol or "
+                f"initial_classes/increment, not both."
+            )
+        if protocol is not None:
+            parse_protocol(protocol)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be positive.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0.")
+        #: image channels, known before any file is read (the CLI hands it to the model)
+        self.num_channels = dataset_channels(dataset)
+        self.train_transform, self.test_transform = build_transforms(augmentation or DEFAULT_PRESET[dataset])
+        self.current_task = -1
+        self._splits: DatasetSplits | None = None
+        self._task_classes: list[list[int]] = []
+
+    # ------------------------------------------------------------------ the stream definition
+
+    def prepare_stream(self) -> None:
+        """Load the dataset and cut it into tasks (once). Raises on any bad stream definition."""
+        if self._splits is not None:
+            return
+        hp = self.hparams
+        options = DatasetOptions(hp.download, hp.imagenet_subset, hp.domains, hp.test_fraction, hp.split_seed)
+        splits = load_dataset(hp.dataset, hp.root, options)
+        train = splits.train.limit_per_class(hp.max_train_per_class, hp.subset_seed)
+        test = splits.test.limit_per_class(hp.max_test_per_class, hp.subset_seed + 1)
+        keep_in_memory = default_in_memory(hp.dataset) if hp.in_memory is None else hp.in_memory
+        if keep_in_memory:
+            train, test = train.decoded(), test.decoded()
+        self.class_order = self._resolve_order(splits)
+        self._task_classes, self._label_of_target, self._domain_offset = self._split_tasks(splits)
+        self._splits = DatasetSplits(train, test, splits.class_names, splits.domain_names, splits.info)
+        self._train_labels, self._train_tasks = self._labels_and_tasks(train)
+        self._test_labels, self._test_tasks = self._labels_and_tasks(test)
+
+    def _resolve_order(self, splits: DatasetSplits) -> list[int]:
+        hp = self.hparams
+        if hp.scenario == "domain" or (hp.scenario == "task" and len(splits.domain_names) > 1):
+            return list(range(len(splits.class_names)))
+        return resolve_class_order(splits.class_names, hp.class_order, hp.class_order_seed)
+
+    def _split_tasks(self, splits: DatasetSplits) -> tuple[list[list[int]], Tensor, int]:
+        hp = self.hparams
+        num_classes, num_domains = len(splits.class_names), len(splits.domain_names)
+        label_of_target = torch.empty(num_classes, dtype=torch.long)
+        label_of_target[torch.tensor(self.class_order)] = torch.arange(num_classes)
+        by_domain = hp.scenario == "domain" or (hp.scenario == "task" and num_domains > 1)
+        if by_domain:
+            if num_domains < 2:
+                raise ValueError(
+                    f"scenario={hp.scenario!r} with one task per domain needs a dataset with several domains "
+                    f"(dataset='domains'); {hp.dataset!r} has one."
+                )
+            if hp.protocol is not None or hp.initial_classes is not None or hp.increment is not None:
+                raise ValueError(
+                    "protocol/initial_classes/increment cut classes into tasks; a stream of domains has one task "
+                    "per domain (choose the domains and their order with data.domains)."
+                )
+            offset = num_classes if hp.scenario == "task" else 0
+            tasks = [[d * offset + c for c in range(num_classes)] for d in range(num_domains)]
+            return tasks, label_of_target, offset
+        if hp.protocol is not None:
+            initial, increment = parse_protocol(hp.protocol, num_classes)
+        elif hp.initial_classes is None and hp.increment is None:
+            raise ValueError("set data.protocol (e.g. B0_Inc10) or data.initial_classes and data.increment.")
+        else:
+            increment = hp.increment if hp.increment is not None else hp.initial_classes
+            initial = hp.initial_classes if hp.initial_classes is not None else increment
+            if isinstance(initial, list):
+                raise ValueError("initial_classes must be one number.")
+        return split_classes(num_classes, int(initial), increment), label_of_target, 0
+
+    def _labels_and_tasks(self, split: ImageSplit) -> tuple[Tensor, Tensor]:
+        if self._domain_offset or self.hparams.scenario == "domain":
+            labels = split.groups * self._domain_offset + split.targets
+            return labels, split.groups.clone()
+        labels = self._label_of_target[split.targets]
+        task_of_label = torch.empty(self.num_classes, dtype=torch.long)
+        for t, classes in enumerate(self._task_classes):
+            task_of_label[torch.tensor(classes)] = t
+        return labels, task_of_label[labels]
+
+    @property
+    def splits(self) -> DatasetSplits:
+        self.prepare_stream()
+        assert self._splits is not None
+        return self._splits
+
+    @property
+    def num_tasks(self) -> int:
+        self.prepare_stream()
+        return len(self._task_classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the label space over the whole stream."""
+        return max(max(c) for c in self._task_classes) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the stream labels, in label order."""
+        names = self.splits.class_names
+        if self._domain_offset:
+            return [f"{d}/{names[c]}" for d in self.splits.domain_names for c in range(len(names))]
+        return [names[c] for c in self.class_order]
+
+    def task_classes(self, task: int) -> list[int]:
+        self.prepare_stream()
+        return list(self._task_classes[task])
+
+    def task_info(self, task: int) -> TaskInfo:
+        self.prepare_stream()
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} is outside this stream's tasks 0..{self.num_tasks - 1}.")
+        seen = sorted({c for t in range(task + 1) for c in self._task_classes[t]})
+        label_task = [0] * (max(seen) + 1)
+        for t in range(task + 1):
+            for c in self._task_classes[t]:
+                label_task[c] = t
+        return TaskInfo(
+            index=task,
+            num_tasks=self.num_tasks,
+            new_classes=tuple(self._task_classes[task]),
+            num_seen_classes=max(seen) + 1,
+            num_total_classes=self.num_classes,
+            scenario=self.hparams.scenario,
+            label_task=tuple(label_task),
+        )
+
+    def set_task(self, task: int) -> None:
+        self.task_info(task)  # validates the index
+        self.current_task = task
+
+    def describe(self) -> dict[str, Any]:
+        """What defines this stream, recorded with the run and checked when a checkpoint is resumed."""
+        self.prepare_stream()
+        return {
+            "dataset": self.hparams.dataset,
+            "scenario": self.hparams.scenario,
+            "class_order": list(self.class_order),
+            "class_names": self.class_names,
+            "task_classes": [list(c) for c in self._task_classes],
+            "train_samples": len(self.splits.train),
+            "test_samples": len(self.splits.test),
+            **self.splits.info,
+        }
+
+    # ------------------------------------------------------------------ datasets
+
+    def _require_task(self) -> int:
+        if self.current_task < 0:
+            raise RuntimeError(
+                "no task is selected: run the stream with `lightning-cil fit`, or pass a stream checkpoint "
+                "(--ckpt_path) to validate/test."
+            )
+        return self.current_task
+
+    def train_dataset(self, extra_indices: Tensor | None = None, all_seen: bool = False) -> TaskDataset:
+        """The current task's training samples, plus ``extra_indices`` (exemplars) of the train split."""
+        task = self._require_task()
+        mask = self._train_tasks <= task if all_seen else self._train_tasks == task
+        indices = torch.nonzero(mask).flatten()
+        if extra_indices is not None and len(extra_indices):
+            indices = torch.unique(torch.cat([indices, extra_indices.to(torch.long).cpu()]))
+        return TaskDataset(self.splits.train, indices, self._train_labels, self._train_tasks, self.train_transform)
+
+    def test_dataset(self, up_to_task: int | None = None) -> TaskDataset:
+        """Test samples of every task up to the current one (or ``up_to_task``)."""
+        task = self._require_task() if up_to_task is None else up_to_task
+        indices = torch.nonzero(self._test_tasks <= task).flatten()
+        return TaskDataset(self.splits.test, indices, self._test_labels, self._test_tasks, self.test_transform)
+
+    def train_samples_of(self, labels: Sequence[int] | Tensor, augment: bool = False) -> TaskDataset:
+        """Training samples of the given stream labels, test-time transform by default (exemplar selection)."""
+        wanted = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels, dtype=torch.long)
+        indices = torch.nonzero(torch.isin(self._train_labels, wanted)).flatten()
+        transform = self.train_transform if augment else self.test_transform
+        return TaskDataset(self.splits.train, indices, self._train_labels, self._train_tasks, transform)
+
+    def train_labels(self) -> Tensor:
+        """Stream label of every sample of the train split (index = train-split index)."""
+        self.prepare_stream()
+        return self._train_labels
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: str) -> None:
+        self.prepare_stream()
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler) -> DataLoader:
+        workers = self.hparams.num_workers
+        pin = self.hparams.pin_memory
+        if pin is None:
+            pin = bool(self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+        )
+
+    def _world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        extra = module.exemplar_indices() if module is not None and hasattr(module, "exemplar_indices") else None
+        all_seen = bool(getattr(module, "trains_on_all_seen_tasks", False))
+        dataset = self.train_dataset(extra, all_seen=all_seen)
+        world, rank = self._world()
+        # A seeded DistributedSampler even on one process: the shuffle of epoch e is a function of
+        # (seed, e), so a resumed run draws the same batches as an uninterrupted one.
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=_base_seed())
+        return self._loader(dataset, self.hparams.batch_size, sampler)
+
+    def _eval_loader(self) -> DataLoader:
+        dataset = self.test_dataset()
+        world, rank = self._world()
+        sampler = ShardedEvalSampler(dataset, num_replicas=world, rank=rank)
+        return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and not self.hparams.val_during_fit:
+            return []
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current_task": self.current_task}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        task = int(state_dict.get("current_task", -1))
+        if task >= self.num_tasks:
+            raise ValueError(
+                f"the checkpoint is at task {task} but this data configuration has only {self.num_tasks} tasks."
+            )
+        self.current_task = task
+
+
+def _base_seed() -> int:
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))

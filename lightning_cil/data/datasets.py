@@ -1,0 +1,375 @@
+"""Dataset loaders: every dataset becomes a train and a test :class:`ImageSplit` with integer class ids.
+
+Small datasets (CIFAR, digits, PACS) are decoded once into one ``uint8`` tensor so that the loader
+costs a tensor index per image; large ones (ImageNet) stay a list of files decoded by the workers.
+A loader checks the layout on disk and says what it expected when the layout is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "DatasetOptions",
+    "DatasetSplits",
+    "ImageSplit",
+    "dataset_channels",
+    "default_in_memory",
+    "imagenet_subset",
+    "load_dataset",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset on disk is missing, laid out differently than expected, or holds an unreadable file."""
+
+
+@dataclass
+class ImageSplit:
+    """One split: a label and a domain per sample, and the images (in memory or as files)."""
+
+    targets: Tensor  # int64 [N], dataset class ids
+    groups: Tensor  # int64 [N], domain index (all 0 for a single-domain dataset)
+    images: Tensor | None = None  # uint8 [N, C, H, W] when decoded in memory
+    paths: list[str] | None = None  # files, when read lazily
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def image(self, index: int) -> Tensor:
+        """Image ``index`` as ``uint8 [C, H, W]``."""
+        if self.images is not None:
+            return self.images[index]
+        assert self.paths is not None
+        return read_image(self.paths[index])
+
+    def subset(self, indices: Tensor) -> ImageSplit:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return ImageSplit(
+            targets=self.targets[indices],
+            groups=self.groups[indices],
+            images=None if self.images is None else self.images[indices],
+            paths=None if self.paths is None else [self.paths[i] for i in indices.tolist()],
+        )
+
+    def limit_per_class(self, max_per_class: int | None, seed: int) -> ImageSplit:
+        """Keep at most ``max_per_class`` samples of every (domain, class), chosen by a seeded shuffle."""
+        if max_per_class is None:
+            return self
+        if max_per_class <= 0:
+            raise ValueError(f"max_per_class={max_per_class} must be positive or None.")
+        generator = torch.Generator().manual_seed(seed)
+        keys = self.groups * (int(self.targets.max()) + 1) + self.targets
+        keep = []
+        for key in torch.unique(keys):
+            members = torch.nonzero(keys == key).flatten()
+            chosen = members[torch.randperm(len(members), generator=generator)[:max_per_class]]
+            keep.append(chosen.sort().values)
+        return self.subset(torch.cat(keep).sort().values)
+
+    def decoded(self) -> ImageSplit:
+        """This split with every image decoded into one uint8 tensor (all images must share a size)."""
+        if self.images is not None or len(self) == 0:
+            return self
+        assert self.paths is not None
+        first = read_image(self.paths[0])
+        images = torch.empty((len(self), *first.shape), dtype=torch.uint8)
+        images[0] = first
+        for i, path in enumerate(self.paths[1:], start=1):
+            image = read_image(path)
+            if image.shape != first.shape:
+                raise DatasetError(
+                    f"cannot keep images in memory: {path} is {tuple(image.shape)} but {self.paths[0]} is "
+                    f"{tuple(first.shape)}; set data.in_memory=false for datasets of mixed image sizes."
+                )
+            images[i] = image
+        return replace(self, images=images, paths=None)
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset ready to be cut into tasks."""
+
+    train: ImageSplit
+    test: ImageSplit
+    class_names: list[str]
+    domain_names: list[str] = field(default_factory=lambda: ["all"])
+    #: Provenance to record with the run (which ImageNet subset, which split seed, ...).
+    info: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """Loader options that only some datasets read."""
+
+    download: bool = False
+    imagenet_subset: str = "podnet"
+    domains: Sequence[str] | None = None
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+
+def read_image(path: str) -> Tensor:
+    """Decode one file as RGB ``uint8 [3, H, W]``, naming the file if it cannot be read."""
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise DatasetError(f"cannot read image file {path}: {error}") from error
+
+
+# --------------------------------------------------------------------------- folder layouts
+
+
+def _require_dir(path: Path, expected: str) -> None:
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise DatasetError(f"dataset path {str(path)!r} {what}; expected layout: {expected}.")
+
+
+def _class_dirs(root: Path, expected: str) -> list[Path]:
+    _require_dir(root, expected)
+    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not dirs:
+        raise DatasetError(f"{str(root)!r} has no class folders; expected layout: {expected}.")
+    return dirs
+
+
+def _image_files(class_dir: Path) -> list[str]:
+    files = sorted(
+        str(p) for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise DatasetError(
+            f"class folder {str(class_dir)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return files
+
+
+def _folder_split(root: Path, class_names: Sequence[str], expected: str, group: int = 0) -> ImageSplit:
+    """Files of ``root/<class>/*`` for the given classes, labelled by their position in ``class_names``."""
+    paths: list[str] = []
+    targets: list[int] = []
+    for label, name in enumerate(class_names):
+        class_dir = root / name
+        _require_dir(class_dir, expected)
+        files = _image_files(class_dir)
+        paths += files
+        targets += [label] * len(files)
+    n = len(targets)
+    return ImageSplit(torch.tensor(targets, dtype=torch.long), torch.full((n,), group, dtype=torch.long), paths=paths)
+
+
+def _train_test_folders(root: Path, train: str = "train", test: str = "test", classes: Sequence[str] | None = None):
+    expected = f"{root}/{train}/<class>/<image> and {root}/{test}/<class>/<image>"
+    _require_dir(root, expected)
+    train_classes = [p.name for p in _class_dirs(root / train, expected)]
+    test_classes = [p.name for p in _class_dirs(root / test, expected)]
+    if classes is None:
+        if train_classes != test_classes:
+            only_train = sorted(set(train_classes) - set(test_classes))
+            only_test = sorted(set(test_classes) - set(train_classes))
+            raise DatasetError(
+                f"{root}: train and test hold different class folders "
+                f"(only in {train}: {only_train[:10]}, only in {test}: {only_test[:10]})."
+            )
+        classes = train_classes
+    else:
+        missing = [c for c in classes if c not in set(train_classes) or c not in set(test_classes)]
+        if missing:
+            raise DatasetError(f"{root}: class folders {missing[:10]} are missing from {train}/ or {test}/.")
+    return (
+        _folder_split(root / train, classes, expected),
+        _folder_split(root / test, classes, expected),
+        list(classes),
+    )
+
+
+def _stratified_split(split: ImageSplit, test_fraction: float, seed: int) -> tuple[ImageSplit, ImageSplit]:
+    """Seeded per-(domain, class) split for datasets that ship without a test set."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction} must lie strictly between 0 and 1.")
+    generator = torch.Generator().manual_seed(seed)
+    keys = split.groups * (int(split.targets.max()) + 1) + split.targets
+    train_idx, test_idx = [], []
+    for key in torch.unique(keys):
+        members = torch.nonzero(keys == key).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_test = max(1, round(len(members) * test_fraction))
+        test_idx.append(members[:n_test])
+        train_idx.append(members[n_test:])
+    return split.subset(torch.cat(train_idx).sort().values), split.subset(torch.cat(test_idx).sort().values)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _load_digits(root: Path | None, options: DatasetOptions) -> DatasetSplits:
+    """scikit-learn's handwritten digits: 1,797 real 8x8 grey images, shipped with the package."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    targets = torch.from_numpy(digits.target.astype(np.int64))
+    full = ImageSplit(targets, torch.zeros_like(targets), images=images)
+    train, test = _stratified_split(full, options.test_fraction, options.split_seed)
+    info = {"split_seed": options.split_seed, "test_fraction": options.test_fraction}
+    return DatasetSplits(train, test, [str(d) for d in range(10)], info=info)
+
+
+def _cifar_pickles(root: Path, num_classes: int) -> DatasetSplits | None:
+    folder = root / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
+    if not folder.is_dir():
+        return None
+
+    def read(name: str) -> dict:
+        with open(folder / name, "rb") as handle:
+            return pickle.load(handle, encoding="latin1")
+
+    if num_classes == 10:
+        parts = [read(f"data_batch_{i}") for i in range(1, 6)]
+        train_x = np.concatenate([p["data"] for p in parts])
+        train_y = np.concatenate([p["labels"] for p in parts])
+        test = read("test_batch")
+        test_x, test_y = test["data"], np.asarray(test["labels"])
+        names = read("batches.meta")["label_names"]
+    else:
+        train, test = read("train"), read("test")
+        train_x, train_y = train["data"], np.asarray(train["fine_labels"])
+        test_x, test_y = test["data"], np.asarray(test["fine_labels"])
+        names = read("meta")["fine_label_names"]
+
+    def to_split(x: np.ndarray, y: np.ndarray) -> ImageSplit:
+        images = torch.from_numpy(x.reshape(-1, 3, 32, 32).copy())
+        targets = torch.from_numpy(y.astype(np.int64))
+        return ImageSplit(targets, torch.zeros_like(targets), images=images)
+
+    return DatasetSplits(to_split(train_x, train_y), to_split(test_x, test_y), list(names), info={"format": "pickle"})
+
+
+def _cifar_loader(num_classes: int) -> Callable[[Path | None, DatasetOptions], DatasetSplits]:
+    def load(root: Path | None, options: DatasetOptions) -> DatasetSplits:
+        name = f"CIFAR-{num_classes}"
+        if root is None:
+            raise DatasetError(f"{name} needs data.root (a folder with torchvision's files or train/ and test/).")
+        if options.download:
+            from torchvision.datasets import CIFAR10, CIFAR100
+
+            (CIFAR10 if num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
+        splits = _cifar_pickles(root, num_classes)
+        if splits is None:
+            train, test, names = _train_test_folders(root)
+            if len(names) != num_classes:
+                raise DatasetError(f"{name} at {root} has {len(names)} class folders, expected {num_classes}.")
+            splits = DatasetSplits(train, test, names, info={"format": "image_folder"})
+        return splits
+
+    return load
+
+
+def _load_image_folder(root: Path | None, options: DatasetOptions) -> DatasetSplits:
+    if root is None:
+        raise DatasetError("imagefolder needs data.root with train/<class>/* and test/<class>/*.")
+    train, test, names = _train_test_folders(root)
+    return DatasetSplits(train, test, names)
+
+
+def imagenet_subset(name: str) -> list[str]:
+    """WordNet ids of a named ImageNet subset shipped with the package (see ``imagenet_subsets/``)."""
+    files = {"podnet": "imagenet100_podnet.txt", "seed1993": "imagenet100_seed1993.txt"}
+    if name not in files:
+        raise ValueError(f"imagenet_subset={name!r} is unknown; choose one of {sorted(files)}.")
+    text = resources.files("lightning_cil.data").joinpath("imagenet_subsets", files[name]).read_text()
+    return [line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _imagenet_loader(num_classes: int) -> Callable[[Path | None, DatasetOptions], DatasetSplits]:
+    def load(root: Path | None, options: DatasetOptions) -> DatasetSplits:
+        if root is None:
+            raise DatasetError("ImageNet needs data.root with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG.")
+        classes = imagenet_subset(options.imagenet_subset) if num_classes == 100 else None
+        train, test, names = _train_test_folders(root, "train", "val", classes)
+        if len(names) != num_classes:
+            raise DatasetError(f"ImageNet at {root} has {len(names)} class folders, expected {num_classes}.")
+        info = {"imagenet_subset": options.imagenet_subset} if num_classes == 100 else {}
+        return DatasetSplits(train, test, names, info=info)
+
+    return load
+
+
+def _load_domains(root: Path | None, options: DatasetOptions) -> DatasetSplits:
+    """One folder per domain, ``<root>/<domain>/<class>/*`` (e.g. PACS), split per domain and class."""
+    expected = f"{root}/<domain>/<class>/<image>"
+    if root is None:
+        raise DatasetError(f"domains needs data.root laid out as {expected}.")
+    available = [p.name for p in _class_dirs(root, expected)]
+    domains = list(options.domains) if options.domains else available
+    unknown = [d for d in domains if d not in available]
+    if unknown:
+        raise DatasetError(f"domains {unknown} are not folders of {root}; available: {available}.")
+    class_names = [p.name for p in _class_dirs(root / domains[0], expected)]
+    parts = []
+    for group, domain in enumerate(domains):
+        names = [p.name for p in _class_dirs(root / domain, expected)]
+        if names != class_names:
+            raise DatasetError(
+                f"domain {domain!r} has classes {names}, but {domains[0]!r} has {class_names}; "
+                f"every domain must hold the same class folders."
+            )
+        parts.append(_folder_split(root / domain, class_names, expected, group=group))
+    full = ImageSplit(
+        torch.cat([p.targets for p in parts]),
+        torch.cat([p.groups for p in parts]),
+        paths=[path for p in parts for path in (p.paths or [])],
+    )
+    train, test = _stratified_split(full, options.test_fraction, options.split_seed)
+    info = {"split_seed": options.split_seed, "test_fraction": options.test_fraction, "domains": domains}
+    return DatasetSplits(train, test, class_names, domain_names=domains, info=info)
+
+
+#: name -> (loader, image channels, keep in memory by default)
+DATASETS: dict[str, tuple[Callable[[Path | None, DatasetOptions], DatasetSplits], int, bool]] = {
+    "digits": (_load_digits, 1, True),
+    "cifar10": (_cifar_loader(10), 3, True),
+    "cifar100": (_cifar_loader(100), 3, True),
+    "imagenet100": (_imagenet_loader(100), 3, False),
+    "imagenet1000": (_imagenet_loader(1000), 3, False),
+    "imagefolder": (_load_image_folder, 3, False),
+    "domains": (_load_domains, 3, True),
+}
+
+
+def _entry(name: str):
+    if name not in DATASETS:
+        raise ValueError(f"dataset={name!r} is unknown; choose one of {sorted(DATASETS)}.")
+    return DATASETS[name]
+
+
+def dataset_channels(name: str) -> int:
+    return _entry(name)[1]
+
+
+def load_dataset(name: str, root: str | os.PathLike | None, options: DatasetOptions) -> DatasetSplits:
+    loader, _, _ = _entry(name)
+    return loader(Path(root).expanduser() if root is not None else None, options)
+
+
+def default_in_memory(name: str) -> bool:
+    return _entry(name)[2]

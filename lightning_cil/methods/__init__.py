@@ -1,0 +1,7 @@
+"""CIL methods: one LightningModule subclass per file, all on the IncrementalModule contract."""
+
+from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.methods.finetune import Finetune
+from lightning_cil.methods.joint import Joint
+
+__all__ = ["Finetune", "IncrementalModule", "Joint", "TaskSchedule"]

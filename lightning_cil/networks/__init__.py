@@ -1,0 +1,6 @@
+"""Backbones (by name) and incremental heads."""
+
+from lightning_cil.networks.backbones import BACKBONES, build_backbone, list_backbones, register_backbone
+from lightning_cil.networks.heads import IncrementalLinear
+
+__all__ = ["BACKBONES", "IncrementalLinear", "build_backbone", "list_backbones", "register_backbone"]

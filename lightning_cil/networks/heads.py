@@ -1,0 +1,52 @@
+"""Classifier heads that grow with the stream."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["IncrementalLinear"]
+
+
+class IncrementalLinear(nn.Module):
+    """A linear classifier whose outputs grow as classes arrive; old rows are kept as they are.
+
+    Growth replaces the parameter, so it must happen between fits (a new DDP wrap and optimizer
+    follow). A fresh head has zero outputs.
+    """
+
+    def __init__(self, in_features: int, out_features: int = 0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self._init_rows(0)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def _init_rows(self, start: int) -> None:
+        with torch.no_grad():
+            if self.out_features > start:
+                bound = self.in_features**-0.5  # nn.Linear's default uniform range
+                self.weight[start:].uniform_(-bound, bound)
+                self.bias[start:].uniform_(-bound, bound)
+
+    def expand(self, out_features: int) -> None:
+        """Grow to ``out_features`` outputs (no-op if already that large)."""
+        old = self.out_features
+        if out_features <= old:
+            return
+        weight = torch.empty(out_features, self.in_features, device=self.weight.device, dtype=self.weight.dtype)
+        bias = torch.zeros(out_features, device=self.bias.device, dtype=self.bias.dtype)
+        weight[:old], bias[:old] = self.weight.detach(), self.bias.detach()
+        self.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)
+        self._init_rows(old)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return nn.functional.linear(features, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,261 @@
+"""The task loop: the one place that drives ``trainer.fit`` task after task, checkpoints and resumes.
+
+A stream runs on one Trainer, one ``fit`` per task (the supported shape for multi-stage training in
+Lightning 2.x): before each fit the loop raises ``fit_loop.max_epochs`` by the task's epochs, so
+counters, loggers and callbacks carry across tasks, and a fresh DDP wrap and optimizer pick up
+whatever the method grew or froze in ``on_task_start``.
+
+Resume: every checkpoint records how far the stream got (this callback's state) and what the model
+looks like (the module's ``lightning_cil`` entry). Restarting with ``ckpt_path`` replays the fit of
+the checkpoint's task through Lightning's own restore (weights, optimizer, loop counters), then goes
+on; a checkpoint taken after a task's end skips straight to the next task.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from lightning_cil.data.datamodule import TaskStreamDataModule, _base_seed
+from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule
+from lightning_cil.metrics import AccuracyMatrix
+
+__all__ = ["TaskStream", "run_stream"]
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class _ResumePoint:
+    task: int
+    task_completed: bool
+
+
+def _reseed(*parts: int) -> None:
+    """Seed every RNG from (run seed, what, which): randomness then depends on the position in the
+    stream, not on what ran before in this process, so a resumed run draws what an uninterrupted one did."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**32)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@rank_zero_only
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+class TaskStream(Callback):
+    """Runs a whole task stream and keeps its results (accuracy matrices per scorer, per-task costs)."""
+
+    def __init__(self) -> None:
+        self.completed_task = -1
+        self.matrices: dict[str, AccuracyMatrix] = {}
+        self.history: list[dict[str, Any]] = []
+        self.stream: dict[str, Any] = {}
+        self.epoch_budget: list[int] = []
+
+    # ------------------------------------------------------------------ callback hooks and state
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _reseed(_base_seed(), 2, trainer.current_epoch)
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar) and bar.is_enabled and bar._train_progress_bar is not None:
+            task = getattr(pl_module, "task_index", 0)
+            bar.train_progress_bar.set_description(
+                f"Task {task + 1}/{len(self.epoch_budget)} · Epoch {trainer.current_epoch}"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "completed_task": self.completed_task,
+            "matrices": {name: m.state_dict() for name, m in self.matrices.items()},
+            "history": self.history,
+            "stream": self.stream,
+            "epoch_budget": self.epoch_budget,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.completed_task = int(state_dict["completed_task"])
+        self.matrices = {n: AccuracyMatrix.from_state_dict(m) for n, m in state_dict["matrices"].items()}
+        self.history = list(state_dict["history"])
+        self.stream = dict(state_dict["stream"])
+        self.epoch_budget = list(state_dict["epoch_budget"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(
+        self,
+        trainer: Trainer,
+        model: IncrementalModule,
+        datamodule: TaskStreamDataModule,
+        ckpt_path: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """Train and evaluate every task of ``datamodule`` (from ``ckpt_path``'s point, if given)."""
+        if not isinstance(model, IncrementalModule):
+            raise TypeError(f"the model must be an IncrementalModule, got {type(model).__name__}.")
+        datamodule.prepare_stream()  # every data error surfaces here, before training
+        num_tasks = datamodule.num_tasks
+        self.epoch_budget = [model.schedule_for_task(t).epochs for t in range(num_tasks)]
+        if self not in trainer.callbacks:
+            trainer.callbacks.append(self)
+        self._keep_last_checkpoint(trainer)
+        stream = datamodule.describe()
+        resume = self._resume_point(ckpt_path, stream, model) if ckpt_path else None
+        if resume is None:
+            self.stream = stream
+            self.matrices = {name: AccuracyMatrix(num_tasks) for name in model.scorers}
+        cumulative = np.cumsum(self.epoch_budget)
+        _print(
+            f"Stream: {stream['dataset']} ({stream['scenario']}-incremental), {num_tasks} tasks of "
+            f"{[len(c) for c in stream['task_classes']]} classes, method {type(model).__name__}"
+            + (f"; resuming at task {resume.task}" if resume else "")
+        )
+        for task in range(resume.task if resume else 0, num_tasks):
+            info = datamodule.task_info(task)
+            datamodule.set_task(task)
+            restoring = resume is not None and task == resume.task
+            if not restoring:
+                _reseed(_base_seed(), 1, task)
+                model.on_task_start(info)
+            trainer.fit_loop.max_epochs = int(cumulative[task])
+            started = time.perf_counter()
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if restoring else None)
+            if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.interrupted:
+                _print(f"Stream interrupted in task {task}; resume with --ckpt_path <checkpoints>/last.ckpt")
+                return self.summary()
+            if restoring and resume.task_completed:
+                continue
+            train_seconds = time.perf_counter() - started
+            model.on_task_end(info)
+            self._evaluate(trainer, model, datamodule, task, train_seconds)
+            self.completed_task = task
+            self._save_task_checkpoint(trainer, task)
+        primary = model.scorers[0]
+        _print(self.matrices[primary].format_table(f"Accuracy matrix ({primary}, %):"))
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        return {name: m.summary() for name, m in self.matrices.items()}
+
+    # ------------------------------------------------------------------ pieces
+
+    def _keep_last_checkpoint(self, trainer: Trainer) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is None:
+            rank_zero_warn("checkpointing is disabled: a stopped stream cannot be resumed.")
+        elif isinstance(callback, ModelCheckpoint) and not callback.save_last:
+            callback.save_last = True  # mid-task resume needs the newest epoch's checkpoint
+
+    def _resume_point(self, ckpt_path: str | Path, stream: dict[str, Any], model: IncrementalModule) -> _ResumePoint:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist.")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        arch = checkpoint.get(CHECKPOINT_KEY)
+        if state is None or arch is None:
+            raise ValueError(f"{path} is not a lightning_cil stream checkpoint (no stream state in it).")
+        saved = state["stream"]
+        for key in ("dataset", "scenario", "class_order", "task_classes"):
+            if saved.get(key) != stream.get(key):
+                raise ValueError(
+                    f"cannot resume from {path}: its stream has {key}={_short(saved.get(key))} but this configuration "
+                    f"gives {_short(stream.get(key))}. Resume with the data settings that wrote the checkpoint."
+                )
+        task = int(arch["task_index"])
+        if state["epoch_budget"][: task + 1] != self.epoch_budget[: task + 1]:
+            raise ValueError(
+                f"cannot resume from {path}: it was trained with epochs per task {state['epoch_budget'][: task + 1]} "
+                f"but this configuration gives {self.epoch_budget[: task + 1]} for the same tasks."
+            )
+        self.load_state_dict(state)
+        self.epoch_budget = [*state["epoch_budget"][: task + 1], *self.epoch_budget[task + 1 :]]
+        return _ResumePoint(task, int(state["completed_task"]) >= task)
+
+    def _evaluate(
+        self, trainer: Trainer, model: IncrementalModule, datamodule: TaskStreamDataModule, task: int, seconds: float
+    ) -> None:
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        for name, counts in model.last_evaluation.items():
+            self.matrices[name].record(task, counts["correct"], counts["correct_top5"], counts["total"])
+        primary = model.scorers[0]
+        matrix = self.matrices[primary]
+        entry = {
+            "task": task,
+            "classes_seen": datamodule.task_info(task).num_seen_classes,
+            "num_parameters": model.num_parameters(),
+            "train_seconds": round(seconds, 3),
+            "epochs": self.epoch_budget[task],
+            **{f"{name}_accuracy_seen": round(100 * float(m.seen[task]), 4) for name, m in self.matrices.items()},
+        }
+        if hasattr(model, "memory_size"):
+            entry["memory_size"] = int(model.memory_size())
+        self.history.append(entry)
+        stream_metrics = {
+            "task": float(task),
+            "stream/avg_incremental_accuracy": float(np.nanmean(matrix.seen[: task + 1])),
+            "stream/accuracy_seen": float(matrix.seen[task]),
+            "stream/num_parameters": float(entry["num_parameters"]),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(stream_metrics, step=trainer.global_step)
+        self._write_metrics(trainer, model)
+        row = " ".join(f"{100 * v:.2f}" for v in matrix.matrix[task, : task + 1])
+        _print(
+            f"[task {task + 1}/{len(self.epoch_budget)}] {primary} accuracy on seen classes "
+            f"{100 * matrix.seen[task]:.2f}% | per task: {row}"
+        )
+
+    @rank_zero_only
+    def _write_metrics(self, trainer: Trainer, model: IncrementalModule) -> None:
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        primary = model.scorers[0]
+        payload = {
+            "method": type(model).__name__,
+            "primary_scorer": primary,
+            "summary": self.matrices[primary].to_json()["summary"],
+            "scorers": {name: m.to_json() for name, m in self.matrices.items()},
+            "tasks": self.history,
+            "stream": {k: v for k, v in self.stream.items() if k != "class_names"},
+            "class_names": self.stream.get("class_names"),
+        }
+        (run_dir / METRICS_FILE).write_text(json.dumps(payload, indent=2))
+
+    def _save_task_checkpoint(self, trainer: Trainer, task: int) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is None:
+            return
+        folder = Path(getattr(callback, "dirpath", None) or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+        trainer.save_checkpoint(folder / f"task{task:02d}.ckpt", weights_only=False)
+        trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def run_stream(
+    trainer: Trainer,
+    model: IncrementalModule,
+    datamodule: TaskStreamDataModule,
+    ckpt_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run a whole stream on ``trainer`` (reusing its TaskStream callback if it has one)."""
+    stream = next((c for c in trainer.callbacks if isinstance(c, TaskStream)), None) or TaskStream()
+    return stream.run(trainer, model, datamodule, ckpt_path)
