@@ -7,9 +7,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_cil.data import TaskStreamDataModule
 from lightning_cil.methods import IncrementalModule
@@ -28,6 +32,12 @@ class LightningCILCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # CSV is the embedded default logger (no extra dependency, readable by `report` and pandas);
+        # TensorBoard and W&B are one `trainer.logger` entry away.
+        kwargs.setdefault(
+            "trainer_defaults",
+            {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}},
+        )
         super().__init__(IncrementalModule, TaskStreamDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -46,8 +56,44 @@ class LightningCILCLI(LightningCLI):
         return run_stream(self.trainer, model, datamodule, ckpt_path)
 
 
+    def after_validate(self) -> None:
+        self._print_evaluation()
+
+    def after_test(self) -> None:
+        self._print_evaluation()
+
+    @rank_zero_only
+    def _print_evaluation(self) -> None:
+        model = self.model
+        for name, counts in model.last_evaluation.items():
+            seen = model.task_index + 1
+            correct, total = counts["correct"][:seen], counts["total"][:seen]
+            per_task = " ".join(f"{100 * c / max(t, 1):.2f}" for c, t in zip(correct, total))
+            print(
+                f"Evaluation after task {model.task_index + 1}/{model.num_tasks} ({name}): accuracy on seen classes "
+                f"{100 * sum(correct) / max(sum(total), 1):.2f}% | per task: {per_task}",
+                flush=True,
+            )
+
+
+def _is_configuration_error(error: BaseException) -> bool:
+    """A ValueError/FileNotFoundError raised by lightning_cil's own checks (not from deep inside a library)."""
+    if not isinstance(error, (ValueError, FileNotFoundError)):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"{os.sep}lightning_cil{os.sep}" in frames[-1].filename
+
+
 def main(args: Any = None) -> None:
-    LightningCILCLI(args=args)
+    """Console entry point. Configuration errors print one line, not a traceback
+    (set LIGHTNING_CIL_TRACEBACK=1 to see it)."""
+    try:
+        LightningCILCLI(args=args)
+    except Exception as error:
+        if not _is_configuration_error(error) or os.environ.get("LIGHTNING_CIL_TRACEBACK"):
+            raise
+        print(f"lightning-cil: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

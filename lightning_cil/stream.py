@@ -213,7 +213,7 @@ class TaskStream(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(stream_metrics, step=trainer.global_step)
-        self._write_metrics(trainer, model)
+        self._write_metrics(_run_dir(trainer), model)
         row = " ".join(f"{100 * v:.2f}" for v in matrix.matrix[task, : task + 1])
         _print(
             f"[task {task + 1}/{len(self.epoch_budget)}] {primary} accuracy on seen classes "
@@ -221,8 +221,7 @@ class TaskStream(Callback):
         )
 
     @rank_zero_only
-    def _write_metrics(self, trainer: Trainer, model: IncrementalModule) -> None:
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    def _write_metrics(self, run_dir: Path, model: IncrementalModule) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         primary = model.scorers[0]
         payload = {
@@ -240,9 +239,14 @@ class TaskStream(Callback):
         callback = trainer.checkpoint_callback
         if callback is None:
             return
-        folder = Path(getattr(callback, "dirpath", None) or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+        folder = Path(getattr(callback, "dirpath", None) or _run_dir(trainer) / "checkpoints")
         trainer.save_checkpoint(folder / f"task{task:02d}.ckpt", weights_only=False)
         trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)
+
+
+def _run_dir(trainer: Trainer) -> Path:
+    """The run's folder. ``trainer.log_dir`` broadcasts under DDP: call this on every rank."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def _short(value: Any) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_cil.data.datasets import (
     DatasetOptions,
@@ -19,7 +19,7 @@ from lightning_cil.data.datasets import (
     default_in_memory,
     load_dataset,
 )
-from lightning_cil.data.samplers import ShardedEvalSampler
+from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler
 from lightning_cil.data.scenario import (
     DEFAULT_CLASS_ORDER_SEED,
     Scenario,
@@ -46,8 +46,11 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        j = int(self.indices[i])
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
+        if isinstance(key, tuple):  # (position, augmentation seed) from SeededShuffleSampler
+            key, seed = key
+            torch.default_generator.manual_seed(seed)
+        j = int(self.indices[key])
         return self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
 
 
@@ -336,9 +339,9 @@ class TaskStreamDataModule(L.LightningDataModule):
         all_seen = bool(getattr(module, "trains_on_all_seen_tasks", False))
         dataset = self.train_dataset(extra, all_seen=all_seen)
         world, rank = self._world()
-        # A seeded DistributedSampler even on one process: the shuffle of epoch e is a function of
-        # (seed, e), so a resumed run draws the same batches as an uninterrupted one.
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=_base_seed())
+        # A seeded distributed sampler even on one process: order and augmentations of epoch e are a
+        # function of (seed, e), so a resumed run draws the same batches as an uninterrupted one.
+        sampler = SeededShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=_base_seed())
         return self._loader(dataset, self.hparams.batch_size, sampler)
 
     def _eval_loader(self) -> DataLoader:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DATASETS",
@@ -130,9 +130,11 @@ class DatasetOptions:
 def read_image(path: str) -> Tensor:
     """Decode one file as RGB ``uint8 [3, H, W]``, naming the file if it cannot be read."""
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError, OSError) as error:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DatasetError(f"cannot read image file {path}: {error}") from error
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- folder layouts

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["ShardedEvalSampler"]
+__all__ = ["SeededShuffleSampler", "ShardedEvalSampler", "augmentation_seed"]
 
 
 class ShardedEvalSampler(DistributedSampler):
@@ -27,3 +27,22 @@ class ShardedEvalSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that is a function of (run seed, epoch, sample) only."""
+    return ((seed * 1_000_003 + epoch) * 2_654_435_761 + index) % (2**63 - 1)
+
+
+class SeededShuffleSampler(DistributedSampler):
+    """Shuffles like ``DistributedSampler`` and pairs every index with its own augmentation seed.
+
+    The dataset seeds the CPU generator with it before transforming the sample, so the random
+    augmentations of epoch e are a function of (seed, e, sample): identical whatever the number of
+    loader workers, and identical after a resume (Lightning creates the loader iterator, which draws
+    from the global generator, at different moments in a restarted and in a running fit).
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        for index in super().__iter__():
+            yield index, augmentation_seed(self.seed, self.epoch, index)

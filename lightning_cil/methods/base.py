@@ -56,6 +56,10 @@ class TaskSchedule:
             raise ValueError(f"{name}.warmup_epochs={self.warmup_epochs} must be in 0..{self.epochs - 1}.")
 
 
+# Hyperparameters saved in checkpoints hold TaskSchedule objects: allow them under weights_only loading.
+torch.serialization.add_safe_globals([TaskSchedule])
+
+
 class IncrementalModule(LightningModule):
     """Base of all methods. Plain training on the current data with a growing head (= Finetune).
 
@@ -203,7 +207,8 @@ class IncrementalModule(LightningModule):
             logged[f"{stage}/{name}/top5_seen"] = top_k[seen].sum().item() / n
             for j in range(self.task_index + 1):
                 logged[f"{stage}/{name}/acc_task{j}"] = correct[j].item() / max(total[j].item(), 1)
-        self.log_dict(logged, sync_dist=False)
+        # Values are already identical on every rank (torchmetrics synced the counts); the mean keeps them.
+        self.log_dict(logged, sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -1,0 +1,159 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_cil.data import DatasetError, TaskStreamDataModule, imagenet_subset
+
+
+def _digits(**kw) -> TaskStreamDataModule:
+    dm = TaskStreamDataModule(dataset="digits", num_workers=0, **kw)
+    dm.prepare_stream()
+    return dm
+
+
+def test_labels_are_class_order_positions_so_new_classes_append():
+    dm = _digits(protocol="B0_Inc2", class_order_seed=1993)
+    order = dm.class_order
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    for task in range(dm.num_tasks):
+        dm.set_task(task)
+        _, labels, tasks = next(iter(torch.utils.data.DataLoader(dm.train_dataset(), batch_size=10_000)))
+        assert set(labels.tolist()) == {2 * task, 2 * task + 1}
+        assert set(tasks.tolist()) == {task}
+    # digit order[k] carries label k
+    digits = dm.splits.train.targets
+    assert torch.equal(dm.train_labels(), dm._label_of_target[digits])
+    assert int(dm._label_of_target[order[0]]) == 0
+
+
+def test_test_data_covers_every_seen_task_and_exemplars_are_merged():
+    dm = _digits(protocol="B0_Inc2", class_order_seed=None)
+    dm.set_task(2)
+    test_tasks = dm.test_dataset().tasks[dm.test_dataset().indices]
+    assert set(test_tasks.tolist()) == {0, 1, 2}
+    base = dm.train_dataset()
+    old = torch.nonzero(dm.train_labels() == 0).flatten()[:5]
+    merged = dm.train_dataset(extra_indices=old)
+    assert len(merged) == len(base) + 5
+    assert set(old.tolist()) <= set(merged.indices.tolist())
+    assert len(dm.train_dataset(all_seen=True)) == int((dm._train_tasks <= 2).sum())
+
+
+def test_task_info_describes_growth():
+    dm = _digits(initial_classes=4, increment=[3, 3], class_order_seed=None)
+    info = dm.task_info(1)
+    assert info.new_classes == (4, 5, 6) and info.num_seen_classes == 7 and info.num_tasks == 3
+    assert info.label_task == (0, 0, 0, 0, 1, 1, 1)
+
+
+def test_protocol_and_explicit_split_are_exclusive():
+    with pytest.raises(ValueError, match="either the protocol or initial_classes/increment"):
+        TaskStreamDataModule(dataset="digits", protocol="B0_Inc2", increment=2)
+
+
+def test_stream_needs_a_split():
+    with pytest.raises(ValueError, match=r"set data.protocol"):
+        _digits()
+
+
+def test_increments_that_do_not_cover_digits_fail_before_training():
+    with pytest.raises(ValueError, match="do not cover the 10 classes"):
+        _digits(initial_classes=4, increment=4)
+
+
+def test_unknown_dataset_and_preset_name_the_choices():
+    with pytest.raises(ValueError, match=r"dataset='cifar1000' is unknown; choose one of \[.*'cifar100'"):
+        TaskStreamDataModule(dataset="cifar1000")
+    with pytest.raises(ValueError, match=r"augmentation='autoaugment' is unknown"):
+        TaskStreamDataModule(dataset="digits", augmentation="autoaugment")
+
+
+def _tree(root: Path, layout: dict[str, list[str]]) -> Path:
+    """Build train/test class folders with tiny real PNGs (or given bytes)."""
+    import numpy as np
+    from PIL import Image
+
+    for folder, files in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name.endswith(".png"):
+                Image.fromarray(np.random.randint(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / folder / name)
+            else:
+                (root / folder / name).write_bytes(b"not an image")
+    return root
+
+
+def _folder_dm(root: Path, **kw) -> TaskStreamDataModule:
+    dm = TaskStreamDataModule(dataset="imagefolder", root=str(root), initial_classes=1, increment=1, num_workers=0, **kw)
+    dm.prepare_stream()
+    return dm
+
+
+def test_missing_root_says_what_layout_was_expected(tmp_path):
+    with pytest.raises(DatasetError, match=r"does not exist; expected layout: .*/train/<class>/<image> and .*/test/"):
+        _folder_dm(tmp_path / "nowhere")
+
+
+def test_wrong_layout_is_explained(tmp_path):
+    _tree(tmp_path, {"cat": ["a.png"], "dog": ["b.png"]})  # class folders directly under root
+    with pytest.raises(DatasetError, match=r"train' does not exist; expected layout"):
+        _folder_dm(tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    _tree(tmp_path, {"train/cat": ["a.png"], "train/dog": [], "test/cat": ["c.png"], "test/dog": ["d.png"]})
+    with pytest.raises(DatasetError, match=r"class folder '.*train/dog' holds no images"):
+        _folder_dm(tmp_path)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    _tree(tmp_path, {"train/cat": ["a.png", "broken.jpg"], "train/dog": ["b.png"], "test/cat": ["c.png"], "test/dog": ["d.png"]})
+    with pytest.raises(DatasetError, match=r"cannot read image file .*train/cat/broken.jpg"):
+        _folder_dm(tmp_path, in_memory=True)
+
+
+def test_train_and_test_classes_must_match(tmp_path):
+    _tree(tmp_path, {"train/cat": ["a.png"], "train/dog": ["b.png"], "test/cat": ["c.png"], "test/cow": ["d.png"]})
+    with pytest.raises(DatasetError, match=r"different class folders \(only in train: \['dog'\], only in test: \['cow'\]"):
+        _folder_dm(tmp_path)
+
+
+def test_imagenet_subsets_are_versioned_package_files():
+    podnet, seeded = imagenet_subset("podnet"), imagenet_subset("seed1993")
+    assert len(podnet) == len(set(podnet)) == 100 and len(seeded) == len(set(seeded)) == 100
+    assert podnet != seeded and all(w.startswith("n") and len(w) == 9 for w in podnet + seeded)
+    with pytest.raises(ValueError, match=r"imagenet_subset='imagenet100' is unknown; choose one of \['podnet', 'seed1993'\]"):
+        imagenet_subset("imagenet100")
+
+
+def test_cifar10_image_folder_in_memory(cifar10_root):
+    dm = TaskStreamDataModule(
+        dataset="cifar10", root=str(cifar10_root), protocol="B0_Inc2", class_order_seed=None,
+        max_train_per_class=20, max_test_per_class=10, num_workers=0,
+    )
+    dm.prepare_stream()
+    assert dm.splits.train.images.shape == (200, 3, 32, 32) and dm.splits.train.images.dtype == torch.uint8
+    assert dm.class_names[:2] == ["airplane", "automobile"] and dm.num_tasks == 5
+    dm.set_task(0)
+    image, label, task = dm.train_dataset()[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label in (0, 1) and task == 0
+
+
+def test_pacs_domain_and_task_scenarios(pacs_root):
+    common = dict(dataset="domains", root=str(pacs_root), max_train_per_class=10, max_test_per_class=5, num_workers=0)
+    domain = TaskStreamDataModule(scenario="domain", domains=["photo", "art_painting", "cartoon", "sketch"], **common)
+    assert domain.num_tasks == 4 and domain.num_classes == 7
+    info = domain.task_info(3)
+    assert info.new_classes == tuple(range(7)) and info.num_seen_classes == 7
+    task = TaskStreamDataModule(scenario="task", domains=["photo", "sketch"], **common)
+    assert task.num_tasks == 2 and task.num_classes == 14
+    assert task.task_info(1).new_classes == tuple(range(7, 14))
+    task.set_task(1)
+    labels = task.test_dataset().labels[task.test_dataset().indices]
+    assert set(labels.tolist()) == set(range(14))
+    assert task.class_names[7] == "sketch/dog"
+    with pytest.raises(ValueError, match="a stream of domains has one task per domain"):
+        TaskStreamDataModule(scenario="domain", protocol="B0_Inc2", **common).prepare_stream()
+    with pytest.raises(DatasetError, match=r"domains \['clipart'\] are not folders"):
+        TaskStreamDataModule(scenario="domain", domains=["clipart"], **common).prepare_stream()

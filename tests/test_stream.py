@@ -1,0 +1,124 @@
+"""The task loop: forgetting on real data, resume, refusal of incompatible checkpoints."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import make_trainer
+
+from lightning_cil import Finetune, Joint, TaskSchedule, TaskStreamDataModule, run_stream
+
+
+def _digits_stream(**kw) -> TaskStreamDataModule:
+    options = dict(dataset="digits", initial_classes=4, increment=3, class_order_seed=None, batch_size=64, num_workers=0)
+    options.update(kw)
+    return TaskStreamDataModule(**options)
+
+
+def _model(cls=Finetune, epochs: int = 3, backbone: str = "resnet20") -> Finetune:
+    return cls(backbone=backbone, in_channels=1, schedule=TaskSchedule(epochs=epochs, lr=0.02, milestones=[]))
+
+
+def _metrics(root: Path) -> dict:
+    return json.loads((root / "run" / "version_0" / "metrics.json").read_text())
+
+
+class _Crash(L.Callback):
+    """Simulates a killed job at the start of a given (global) epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def _run(root: Path, seed: int = 5, crash_at: int | None = None, ckpt_path=None):
+    L.seed_everything(seed)
+    model, dm = _model(), _digits_stream()
+    callbacks = [_Crash(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(root, callbacks=callbacks)
+    run_stream(trainer, model, dm, ckpt_path=ckpt_path)
+    return model
+
+
+def test_stream_writes_matrix_checkpoints_and_metrics(tmp_path):
+    model = _run(tmp_path)
+    metrics = _metrics(tmp_path)
+    matrix = metrics["scorers"]["cnn"]["accuracy_matrix"]
+    assert len(matrix) == 3 and all(v is not None for v in matrix[2])
+    assert matrix[0][1] is None  # upper triangle is never measured
+    assert [t["classes_seen"] for t in metrics["tasks"]] == [4, 7, 10]
+    assert metrics["stream"]["task_classes"] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "version_0" / "checkpoints").iterdir())
+    assert {"task00.ckpt", "task01.ckpt", "task02.ckpt", "last.ckpt"} <= set(ckpts)
+    assert model.head.out_features == 10 and model.task_index == 2
+    summary = metrics["summary"]
+    assert summary["avg_incremental_accuracy"] == pytest.approx(
+        sum(metrics["scorers"]["cnn"]["accuracy_seen"]) / 3, abs=1e-3
+    )
+
+
+@pytest.mark.parametrize(("crash_at", "where"), [(4, "mid-task"), (6, "task boundary")])
+def test_resumed_stream_ends_like_an_uninterrupted_one(tmp_path, crash_at, where):
+    # 3 tasks x 3 epochs: epoch 4 is inside task 1; epoch 6 is the first epoch of task 2, so the newest
+    # checkpoint then is the one written after task 1 ended.
+    reference = _run(tmp_path / "reference")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "killed", crash_at=crash_at)
+    last = tmp_path / "killed" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=False)["callbacks"]["TaskStream"]
+    assert state["completed_task"] == (0 if crash_at == 4 else 1), where
+    resumed = _run(tmp_path / "resumed", ckpt_path=last)
+    expected = _metrics(tmp_path / "reference")["scorers"]["cnn"]["accuracy_matrix"]
+    assert _metrics(tmp_path / "resumed")["scorers"]["cnn"]["accuracy_matrix"] == expected
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resuming at the {where}"
+
+
+def test_checkpoint_from_another_stream_is_refused(tmp_path):
+    _run(tmp_path / "a")
+    last = tmp_path / "a" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    L.seed_everything(5)
+    other = _digits_stream(initial_classes=2, increment=2)
+    with pytest.raises(ValueError, match=r"cannot resume from .*task_classes=\[\[0, 1, 2, 3\].*this configuration gives \[\[0, 1\]"):
+        run_stream(make_trainer(tmp_path / "b"), _model(), other, ckpt_path=last)
+    with pytest.raises(ValueError, match=r"epochs per task \[3, 3, 3\] but this configuration gives \[5, 5, 5\]"):
+        run_stream(make_trainer(tmp_path / "c"), _model(epochs=5), _digits_stream(), ckpt_path=last)
+    with pytest.raises(ValueError, match=r"checkpoint mismatch: it holds method='lightning_cil.methods.finetune.Finetune'"):
+        run_stream(make_trainer(tmp_path / "d"), _model(Joint), _digits_stream(), ckpt_path=last)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path='nope.ckpt' does not exist"):
+        run_stream(make_trainer(tmp_path), _model(), _digits_stream(), ckpt_path="nope.ckpt")
+
+
+def _split_cifar10(root, max_train: int, epochs: int, cls) -> dict:
+    L.seed_everything(0)
+    dm = TaskStreamDataModule(
+        dataset="cifar10", root=str(root), protocol="B0_Inc2", class_order_seed=None,
+        max_train_per_class=max_train, max_test_per_class=100, batch_size=32, num_workers=0,
+    )
+    model = cls(backbone="resnet20", schedule=TaskSchedule(epochs=epochs, lr=0.05, milestones=[epochs - 2]))
+    return model, dm
+
+
+def test_finetune_forgets_first_task_while_joint_keeps_it(cifar10_root, tmp_path):
+    """Split CIFAR-10 (5 tasks of 2 classes, 200 images per class, 6 epochs per task) on real images.
+
+    Calibration run (seed 0): Finetune learns task 0 to 75% and ends at 0% on it; Joint ends at 61%.
+    """
+    results = {}
+    for cls in (Finetune, Joint):
+        model, dm = _split_cifar10(cifar10_root, 200, 6, cls)
+        run_stream(make_trainer(tmp_path / cls.__name__), model, dm)
+        results[cls.__name__] = _metrics(tmp_path / cls.__name__)["scorers"]["cnn"]["accuracy_matrix"]
+    finetune_first, joint_first = results["Finetune"][-1][0], results["Joint"][-1][0]
+    # Finetune learned task 0 (well above the 50% chance of a 2-class task) and then lost it entirely.
+    assert results["Finetune"][0][0] > 65
+    assert finetune_first < 5, results["Finetune"]
+    assert joint_first > 40, results["Joint"]
