@@ -1,8 +1,8 @@
 """The ``lightning-cil`` command: LightningCLI whose ``fit`` runs a whole task stream.
 
-    lightning-cil fit --config configs/quickstart.yaml
-    lightning-cil fit --config configs/finetune_cifar10.yaml --model.init_args.schedule.epochs 2
-    lightning-cil test --config configs/quickstart.yaml --ckpt_path <run>/checkpoints/last.ckpt
+lightning-cil fit --config configs/quickstart.yaml
+lightning-cil fit --config configs/finetune_cifar10.yaml --model.init_args.schedule.epochs 2
+lightning-cil test --config configs/quickstart.yaml --ckpt_path <run>/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class LightningCILCLI(LightningCLI):
     def fit(self, model: IncrementalModule, datamodule: TaskStreamDataModule, ckpt_path: str | None = None, **_: Any):
         """Train every task of the stream (``trainer.fit`` once per task), evaluating after each."""
         return run_stream(self.trainer, model, datamodule, ckpt_path)
-
 
     def after_validate(self) -> None:
         self._print_evaluation()

@@ -24,11 +24,16 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def shrunk(tmp_path: Path, *extra: str) -> list[str]:
     """The quickstart with 1 epoch per task, writing into tmp_path."""
     return [
-        "--config", str(QUICKSTART),
-        "--model.init_args.schedule", "{epochs: 2, lr: 0.02, milestones: []}",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
+        "--config",
+        str(QUICKSTART),
+        "--model.init_args.schedule",
+        "{epochs: 2, lr: 0.02, milestones: []}",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
         *extra,
     ]
 
@@ -38,11 +43,24 @@ def _run_dir(tmp_path: Path) -> Path:
     return metrics.parent
 
 
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(config):
+    out = cli("fit", "--config", str(config), "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "class_path: lightning_cil.methods." in out.stdout
+
+
 def test_print_config_shows_every_section():
     out = cli("fit", "--config", str(QUICKSTART), "--print_config")
     assert out.returncode == 0, out.stderr
-    for expected in ("class_path: lightning_cil.methods.Finetune", "protocol: B0_Inc2", "dataset: digits",
-                     "epochs: 12", "accelerator: cpu", "seed_everything: 1993"):
+    for expected in (
+        "class_path: lightning_cil.methods.Finetune",
+        "protocol: B0_Inc2",
+        "dataset: digits",
+        "epochs: 12",
+        "accelerator: cpu",
+        "seed_everything: 1993",
+    ):
         assert expected in out.stdout
 
 
@@ -55,9 +73,17 @@ def test_fit_runs_the_whole_stream_and_test_reproduces_it_from_the_checkpoint(tm
     assert len(metrics["tasks"]) == 5 and metrics["summary"]["avg_incremental_accuracy"] > 0
     assert (run / "config.yaml").is_file()
     last = run / "checkpoints" / "last.ckpt"
-    evaluated = cli("test", "--config", str(QUICKSTART), "--ckpt_path", str(last),
-                    "--trainer.default_root_dir", str(tmp_path / "eval"),
-                    "--trainer.logger.init_args.save_dir", str(tmp_path / "eval"))
+    evaluated = cli(
+        "test",
+        "--config",
+        str(QUICKSTART),
+        "--ckpt_path",
+        str(last),
+        "--trainer.default_root_dir",
+        str(tmp_path / "eval"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "eval"),
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     seen = re.search(r"Evaluation after task 5/5 \(cnn\): accuracy on seen classes ([\d.]+)%", evaluated.stdout)
     assert seen is not None, evaluated.stdout[-2000:]
@@ -69,10 +95,14 @@ def test_fit_runs_the_whole_stream_and_test_reproduces_it_from_the_checkpoint(tm
     [
         (["--trainer.max_epochs", "3"], "trainer.max_epochs=3 has no effect on a task stream"),
         (["--data.protocol", "B0_Inc3"], "initial_classes=3 and increment=3 do not cover the 10 classes"),
-        (["--data.class_order", "[0,1,2,3,4,5,6,7,8,8]", "--data.class_order_seed", "null"],
-         r"class_order lists classes more than once: \['8'\]"),
-        (["--data.dataset", "cifar10", "--data.root", "no/such/dir"],
-         r"dataset path 'no/such/dir' does not exist; expected layout: no/such/dir/train/<class>/<image>"),
+        (
+            ["--data.class_order", "[0,1,2,3,4,5,6,7,8,8]", "--data.class_order_seed", "null"],
+            r"class_order lists classes more than once: \['8'\]",
+        ),
+        (
+            ["--data.dataset", "cifar10", "--data.root", "no/such/dir"],
+            r"dataset path 'no/such/dir' does not exist; expected layout: no/such/dir/train/<class>/<image>",
+        ),
     ],
 )
 def test_bad_configuration_is_one_clear_line(tmp_path, override, message):
@@ -90,9 +120,17 @@ def test_two_process_ddp_stream_completes_and_matches_a_single_process_evaluatio
     run = _run_dir(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["tasks"]) == 5
-    evaluated = cli("test", "--config", str(QUICKSTART), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-                    "--trainer.default_root_dir", str(tmp_path / "eval"),
-                    "--trainer.logger.init_args.save_dir", str(tmp_path / "eval"))
+    evaluated = cli(
+        "test",
+        "--config",
+        str(QUICKSTART),
+        "--ckpt_path",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "eval"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "eval"),
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     seen = re.search(r"accuracy on seen classes ([\d.]+)%", evaluated.stdout)
     assert float(seen.group(1)) == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)

@@ -12,7 +12,9 @@ from lightning_cil import Finetune, Joint, TaskSchedule, TaskStreamDataModule, r
 
 
 def _digits_stream(**kw) -> TaskStreamDataModule:
-    options = dict(dataset="digits", initial_classes=4, increment=3, class_order_seed=None, batch_size=64, num_workers=0)
+    options = dict(
+        dataset="digits", initial_classes=4, increment=3, class_order_seed=None, batch_size=64, num_workers=0
+    )
     options.update(kw)
     return TaskStreamDataModule(**options)
 
@@ -84,11 +86,15 @@ def test_checkpoint_from_another_stream_is_refused(tmp_path):
     last = tmp_path / "a" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     L.seed_everything(5)
     other = _digits_stream(initial_classes=2, increment=2)
-    with pytest.raises(ValueError, match=r"cannot resume from .*task_classes=\[\[0, 1, 2, 3\].*this configuration gives \[\[0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"cannot resume from .*task_classes=\[\[0, 1, 2, 3\].*this configuration gives \[\[0, 1\]"
+    ):
         run_stream(make_trainer(tmp_path / "b"), _model(), other, ckpt_path=last)
     with pytest.raises(ValueError, match=r"epochs per task \[3, 3, 3\] but this configuration gives \[5, 5, 5\]"):
         run_stream(make_trainer(tmp_path / "c"), _model(epochs=5), _digits_stream(), ckpt_path=last)
-    with pytest.raises(ValueError, match=r"checkpoint mismatch: it holds method='lightning_cil.methods.finetune.Finetune'"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint mismatch: it holds method='lightning_cil.methods.finetune.Finetune'"
+    ):
         run_stream(make_trainer(tmp_path / "d"), _model(Joint), _digits_stream(), ckpt_path=last)
 
 
@@ -97,28 +103,46 @@ def test_missing_checkpoint_is_named(tmp_path):
         run_stream(make_trainer(tmp_path), _model(), _digits_stream(), ckpt_path="nope.ckpt")
 
 
-def _split_cifar10(root, max_train: int, epochs: int, cls) -> dict:
-    L.seed_everything(0)
-    dm = TaskStreamDataModule(
-        dataset="cifar10", root=str(root), protocol="B0_Inc2", class_order_seed=None,
-        max_train_per_class=max_train, max_test_per_class=100, batch_size=32, num_workers=0,
-    )
-    model = cls(backbone="resnet20", schedule=TaskSchedule(epochs=epochs, lr=0.05, milestones=[epochs - 2]))
-    return model, dm
-
-
 def test_finetune_forgets_first_task_while_joint_keeps_it(cifar10_root, tmp_path):
-    """Split CIFAR-10 (5 tasks of 2 classes, 200 images per class, 6 epochs per task) on real images.
+    """The Split CIFAR-10 configs, shrunk: 200 images per class, ResNet-20, 6 epochs per task, on real images.
 
     Calibration run (seed 0): Finetune learns task 0 to 75% and ends at 0% on it; Joint ends at 61%.
     """
+    from test_cli import REPO, cli
+
     results = {}
-    for cls in (Finetune, Joint):
-        model, dm = _split_cifar10(cifar10_root, 200, 6, cls)
-        run_stream(make_trainer(tmp_path / cls.__name__), model, dm)
-        results[cls.__name__] = _metrics(tmp_path / cls.__name__)["scorers"]["cnn"]["accuracy_matrix"]
-    finetune_first, joint_first = results["Finetune"][-1][0], results["Joint"][-1][0]
+    for method in ("finetune", "joint"):
+        out = cli(
+            "fit",
+            "--config",
+            str(REPO / "configs" / f"{method}_cifar10.yaml"),
+            "--seed_everything",
+            "0",
+            "--data.root",
+            str(cifar10_root),
+            "--data.max_train_per_class",
+            "200",
+            "--data.max_test_per_class",
+            "100",
+            "--data.num_workers",
+            "0",
+            "--model.init_args.backbone",
+            "resnet20",
+            "--model.init_args.schedule",
+            "{epochs: 6, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, milestones: [4]}",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.deterministic",
+            "true",
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        (metrics,) = tmp_path.glob(f"{method}_cifar10/version_*/metrics.json")
+        results[method] = json.loads(metrics.read_text())["scorers"]["cnn"]["accuracy_matrix"]
     # Finetune learned task 0 (well above the 50% chance of a 2-class task) and then lost it entirely.
-    assert results["Finetune"][0][0] > 65
-    assert finetune_first < 5, results["Finetune"]
-    assert joint_first > 40, results["Joint"]
+    assert results["finetune"][0][0] > 65, results["finetune"]
+    assert results["finetune"][-1][0] < 5, results["finetune"]
+    assert results["joint"][-1][0] > 40, results["joint"]

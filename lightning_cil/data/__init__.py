@@ -4,4 +4,12 @@ from lightning_cil.data.datamodule import TaskDataset, TaskStreamDataModule
 from lightning_cil.data.datasets import DATASETS, DatasetError, imagenet_subset
 from lightning_cil.data.scenario import PROTOCOLS, TaskInfo
 
-__all__ = ["DATASETS", "PROTOCOLS", "DatasetError", "TaskDataset", "TaskInfo", "TaskStreamDataModule", "imagenet_subset"]
+__all__ = [
+    "DATASETS",
+    "PROTOCOLS",
+    "DatasetError",
+    "TaskDataset",
+    "TaskInfo",
+    "TaskStreamDataModule",
+    "imagenet_subset",
+]

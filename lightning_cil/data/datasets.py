@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 
 __all__ = [
     "DATASETS",
@@ -155,9 +155,7 @@ def _class_dirs(root: Path, expected: str) -> list[Path]:
 
 
 def _image_files(class_dir: Path) -> list[str]:
-    files = sorted(
-        str(p) for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    files = sorted(str(p) for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DatasetError(
             f"class folder {str(class_dir)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})."

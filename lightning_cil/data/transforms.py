@@ -35,7 +35,11 @@ def _imagenet():
 def _small_images(size: int):
     """Small natural images (e.g. PACS at 64px): mild crop-and-resize and flip."""
     train = v2.Compose(
-        [v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True), v2.RandomHorizontalFlip(), *_finish(IMAGENET_STATS)]
+        [
+            v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_finish(IMAGENET_STATS),
+        ]
     )
     return train, v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), *_finish(IMAGENET_STATS)])
 

@@ -165,7 +165,9 @@ class IncrementalModule(LightningModule):
             opt = torch.optim.AdamW(params, schedule.lr, weight_decay=schedule.weight_decay)
         decay = torch.optim.lr_scheduler.MultiStepLR(opt, schedule.milestones, schedule.gamma)
         if schedule.warmup_epochs:
-            warmup = torch.optim.lr_scheduler.LinearLR(opt, 1.0 / (schedule.warmup_epochs + 1), 1.0, schedule.warmup_epochs)
+            warmup = torch.optim.lr_scheduler.LinearLR(
+                opt, 1.0 / (schedule.warmup_epochs + 1), 1.0, schedule.warmup_epochs
+            )
             decay = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, decay], [schedule.warmup_epochs])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "epoch"}}
 
@@ -200,7 +202,11 @@ class IncrementalModule(LightningModule):
             result = metric.compute()
             metric.reset()
             correct, top_k, total = (result[k].cpu() for k in ("correct", "correct_top_k", "total"))
-            self.last_evaluation[name] = {"correct": correct.tolist(), "correct_top5": top_k.tolist(), "total": total.tolist()}
+            self.last_evaluation[name] = {
+                "correct": correct.tolist(),
+                "correct_top5": top_k.tolist(),
+                "total": total.tolist(),
+            }
             seen = slice(0, self.task_index + 1)
             n = total[seen].sum().clamp(min=1).item()
             logged[f"{stage}/{name}/acc_seen"] = correct[seen].sum().item() / n

@@ -51,7 +51,9 @@ class AccuracyMatrix:
 
     def record(self, task: int, correct, correct_top5, total) -> None:
         """Fill row ``task`` from per-task counts of one evaluation pass."""
-        correct, correct_top5, total = (np.asarray(x, dtype=np.float64)[: task + 1] for x in (correct, correct_top5, total))
+        correct, correct_top5, total = (
+            np.asarray(x, dtype=np.float64)[: task + 1] for x in (correct, correct_top5, total)
+        )
         if (total == 0).any():
             raise ValueError(f"evaluation after task {task} saw no test samples of tasks {np.flatnonzero(total == 0)}.")
         self.matrix[task, : task + 1] = correct / total

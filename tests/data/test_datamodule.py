@@ -85,7 +85,9 @@ def _tree(root: Path, layout: dict[str, list[str]]) -> Path:
 
 
 def _folder_dm(root: Path, **kw) -> TaskStreamDataModule:
-    dm = TaskStreamDataModule(dataset="imagefolder", root=str(root), initial_classes=1, increment=1, num_workers=0, **kw)
+    dm = TaskStreamDataModule(
+        dataset="imagefolder", root=str(root), initial_classes=1, increment=1, num_workers=0, **kw
+    )
     dm.prepare_stream()
     return dm
 
@@ -108,14 +110,19 @@ def test_empty_class_folder_is_named(tmp_path):
 
 
 def test_unreadable_image_is_named(tmp_path):
-    _tree(tmp_path, {"train/cat": ["a.png", "broken.jpg"], "train/dog": ["b.png"], "test/cat": ["c.png"], "test/dog": ["d.png"]})
+    _tree(
+        tmp_path,
+        {"train/cat": ["a.png", "broken.jpg"], "train/dog": ["b.png"], "test/cat": ["c.png"], "test/dog": ["d.png"]},
+    )
     with pytest.raises(DatasetError, match=r"cannot read image file .*train/cat/broken.jpg"):
         _folder_dm(tmp_path, in_memory=True)
 
 
 def test_train_and_test_classes_must_match(tmp_path):
     _tree(tmp_path, {"train/cat": ["a.png"], "train/dog": ["b.png"], "test/cat": ["c.png"], "test/cow": ["d.png"]})
-    with pytest.raises(DatasetError, match=r"different class folders \(only in train: \['dog'\], only in test: \['cow'\]"):
+    with pytest.raises(
+        DatasetError, match=r"different class folders \(only in train: \['dog'\], only in test: \['cow'\]"
+    ):
         _folder_dm(tmp_path)
 
 
@@ -123,14 +130,21 @@ def test_imagenet_subsets_are_versioned_package_files():
     podnet, seeded = imagenet_subset("podnet"), imagenet_subset("seed1993")
     assert len(podnet) == len(set(podnet)) == 100 and len(seeded) == len(set(seeded)) == 100
     assert podnet != seeded and all(w.startswith("n") and len(w) == 9 for w in podnet + seeded)
-    with pytest.raises(ValueError, match=r"imagenet_subset='imagenet100' is unknown; choose one of \['podnet', 'seed1993'\]"):
+    with pytest.raises(
+        ValueError, match=r"imagenet_subset='imagenet100' is unknown; choose one of \['podnet', 'seed1993'\]"
+    ):
         imagenet_subset("imagenet100")
 
 
 def test_cifar10_image_folder_in_memory(cifar10_root):
     dm = TaskStreamDataModule(
-        dataset="cifar10", root=str(cifar10_root), protocol="B0_Inc2", class_order_seed=None,
-        max_train_per_class=20, max_test_per_class=10, num_workers=0,
+        dataset="cifar10",
+        root=str(cifar10_root),
+        protocol="B0_Inc2",
+        class_order_seed=None,
+        max_train_per_class=20,
+        max_test_per_class=10,
+        num_workers=0,
     )
     dm.prepare_stream()
     assert dm.splits.train.images.shape == (200, 3, 32, 32) and dm.splits.train.images.dtype == torch.uint8
