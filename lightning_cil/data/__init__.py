@@ -2,12 +2,14 @@
 
 from lightning_cil.data.datamodule import TaskDataset, TaskStreamDataModule
 from lightning_cil.data.datasets import DATASETS, DatasetError, imagenet_subset
+from lightning_cil.data.memory import ExemplarMemory
 from lightning_cil.data.scenario import PROTOCOLS, TaskInfo
 
 __all__ = [
     "DATASETS",
     "PROTOCOLS",
     "DatasetError",
+    "ExemplarMemory",
     "TaskDataset",
     "TaskInfo",
     "TaskStreamDataModule",

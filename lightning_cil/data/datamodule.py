@@ -304,6 +304,12 @@ class TaskStreamDataModule(L.LightningDataModule):
         transform = self.train_transform if augment else self.test_transform
         return TaskDataset(self.splits.train, indices, self._train_labels, self._train_tasks, transform)
 
+    def train_subset(self, indices: Tensor) -> TaskDataset:
+        """Given train-split samples (e.g. exemplars) with the test-time transform."""
+        self.prepare_stream()
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return TaskDataset(self.splits.train, indices, self._train_labels, self._train_tasks, self.test_transform)
+
     def train_labels(self) -> Tensor:
         """Stream label of every sample of the train split (index = train-split index)."""
         self.prepare_stream()

@@ -2,6 +2,7 @@
 
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
 from lightning_cil.methods.finetune import Finetune
+from lightning_cil.methods.icarl import ICaRL
 from lightning_cil.methods.joint import Joint
 
-__all__ = ["Finetune", "IncrementalModule", "Joint", "TaskSchedule"]
+__all__ = ["Finetune", "ICaRL", "IncrementalModule", "Joint", "TaskSchedule"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -9,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+from lightning_cil.data.samplers import ShardedEvalSampler
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.metrics import TaskAccuracy
 from lightning_cil.networks import IncrementalLinear, build_backbone
@@ -248,6 +251,42 @@ class IncrementalModule(LightningModule):
                 )
         self._enter_task(arch["task_index"], arch["num_tasks"], arch["scenario"], arch["label_task"])
         self.head.expand(arch["head_classes"])
+
+    @torch.no_grad()
+    def extract_features(self, dataset: Dataset, flip: bool = False, batch_size: int = 256) -> Tensor:
+        """Backbone features (fp32) of every sample of ``dataset``, in dataset order, on the CPU.
+
+        Runs between fits (task ends), in eval mode, on the training device. Under DDP each rank
+        computes a shard and the shards are gathered, so every rank returns the identical tensor.
+        ``flip`` mirrors the images horizontally first (iCaRL's class means use both).
+        """
+        trainer = self.trainer
+        world, rank = trainer.world_size, trainer.global_rank
+        device = trainer.strategy.root_device
+        was_training = self.training
+        self.eval()
+        self.to(device)
+        workers = getattr(trainer.datamodule, "hparams", {}).get("num_workers", 0) if trainer.datamodule else 0
+        loader = DataLoader(dataset, batch_size, sampler=ShardedEvalSampler(dataset, world, rank), num_workers=workers)
+        parts = []
+        for images, _, _ in loader:
+            images = images.to(device)
+            if flip:
+                images = torch.flip(images, dims=[3])
+            parts.append(self.backbone(images).float())
+        local = torch.cat(parts) if parts else torch.zeros(0, self.backbone.out_dim, device=device)
+        self.train(was_training)
+        if world == 1:
+            return local.cpu()
+        n, per_rank = len(dataset), math.ceil(len(dataset) / world)
+        padded = torch.zeros(per_rank, local.shape[1], device=device)
+        padded[: len(local)] = local
+        gathered = trainer.strategy.all_gather(padded).cpu()  # [world, per_rank, d]
+        features = torch.empty(n, local.shape[1])
+        for r in range(world):
+            positions = torch.arange(r, n, world)
+            features[positions] = gathered[r, : len(positions)]
+        return features
 
     def num_parameters(self) -> int:
         """Parameters used at inference (a frozen teacher copy, if any, is not counted)."""

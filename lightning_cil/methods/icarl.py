@@ -1,0 +1,167 @@
+"""iCaRL: incremental classifier and representation learning (Rebuffi et al., CVPR 2017)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_cil.data.memory import ExemplarMemory, Selection
+from lightning_cil.data.scenario import TaskInfo
+from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.networks import IncrementalLinear
+
+__all__ = ["ICaRL"]
+
+
+class ICaRL(IncrementalModule):
+    """iCaRL: rehearsal with a herding-selected exemplar memory, distillation from the previous model, and
+    a nearest-mean-of-exemplars (NME) classifier.
+
+    - Representation learning (``loss="bce"``, the paper's): sigmoid outputs and binary cross-entropy over
+      all seen classes; new-class targets are one-hot, old-class targets are the previous model's sigmoid
+      outputs on the same images. The previous model is a frozen copy taken at task start.
+      ``loss="kd"`` is PyCIL's variant: softmax cross-entropy plus KL distillation at ``temperature``.
+    - Memory: K exemplars in total (K / seen classes each), selected by herding on L2-normalised features;
+      reducing a class keeps its first (highest-priority) exemplars.
+    - NME: class mean = normalised mean of the exemplars' normalised features, averaged with the same for
+      their horizontal flips and normalised again; a sample goes to the nearest mean. Evaluation reports
+      NME (headline) and the network's own head ("cnn").
+
+    Deviation: the class means are recomputed at every task end for all classes from the exemplars only
+    (as in the paper); before the first task end (validation during the first fit) NME has no means and
+    reports the head's scores.
+
+    Args:
+        backbone: feature extractor (ResNet-32 in the paper).
+        in_channels: image channels.
+        schedule: optimisation of later tasks (paper: 70 epochs, lr 2.0, /5 after 49 and 63, wd 1e-5).
+        first_task: optimisation of the first task (default: the same as later tasks).
+        memory_budget: total exemplars K (2,000 in the paper); None to use memory_per_class.
+        memory_per_class: fixed exemplars per class instead of a total.
+        selection: ``herding`` (paper), ``random`` or ``closest``.
+        loss: ``bce`` (paper) or ``kd`` (PyCIL).
+        temperature: KD temperature for ``loss="kd"`` (PyCIL: 2).
+    """
+
+    scorers = ("nme", "cnn")
+
+    def __init__(
+        self,
+        backbone: str = "resnet32",
+        in_channels: int = 3,
+        schedule: TaskSchedule | None = None,
+        first_task: TaskSchedule | None = None,
+        memory_budget: int | None = 2000,
+        memory_per_class: int | None = None,
+        selection: Selection = "herding",
+        loss: Literal["bce", "kd"] = "bce",
+        temperature: float = 2.0,
+    ) -> None:
+        super().__init__(backbone, in_channels, schedule, first_task)
+        if loss not in ("bce", "kd"):
+            raise ValueError(f"loss={loss!r} is unknown; choose 'bce' (iCaRL paper) or 'kd' (PyCIL).")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be positive.")
+        self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
+        self.old_model: nn.Module | None = None
+        self.register_buffer("class_means", torch.zeros(0, self.backbone.out_dim))
+
+    # ------------------------------------------------------------------ task hooks
+
+    def on_task_start(self, task: TaskInfo) -> None:
+        if task.index > 0:
+            self.old_model = self._frozen_copy()
+        super().on_task_start(task)
+
+    def _frozen_copy(self) -> nn.Module:
+        teacher = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.head))
+        return teacher.requires_grad_(False).eval()
+
+    def on_task_end(self, task: TaskInfo) -> None:
+        datamodule = self.trainer.datamodule
+        labels = datamodule.train_labels()
+        new = {}
+        for label in task.new_classes:
+            indices = torch.nonzero(labels == label).flatten()
+            features = self.extract_features(datamodule.train_subset(indices))
+            new[label] = (indices, features)
+        self.memory.update(range(task.num_seen_classes), new)
+        self._compute_class_means(task.num_seen_classes)
+
+    def _compute_class_means(self, num_classes: int) -> None:
+        datamodule = self.trainer.datamodule
+        exemplars = self.memory.indices()
+        dataset = datamodule.train_subset(exemplars)
+        plain = F.normalize(self.extract_features(dataset), dim=1)
+        flipped = F.normalize(self.extract_features(dataset, flip=True), dim=1)
+        owner = datamodule.train_labels()[exemplars]
+        means = torch.zeros(num_classes, plain.shape[1])
+        for label in range(num_classes):
+            rows = owner == label
+            if rows.any():
+                means[label] = (F.normalize(plain[rows].mean(0), dim=0) + F.normalize(flipped[rows].mean(0), dim=0)) / 2
+        self.class_means = F.normalize(means, dim=1).to(self.class_means.device)
+
+    def exemplar_indices(self) -> Tensor:
+        return self.memory.indices()
+
+    def memory_size(self) -> int:
+        return len(self.memory)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.old_model is not None:
+            self.old_model.eval()  # the teacher's BatchNorm statistics stay frozen
+        return self
+
+    # ------------------------------------------------------------------ training and scoring
+
+    def training_loss(self, logits: Tensor, labels: Tensor, images: Tensor) -> Tensor:
+        num_old = self.old_model[1].out_features if self.old_model is not None else 0
+        if self.hparams.loss == "bce":
+            targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+            if num_old:
+                with torch.no_grad():
+                    targets[:, :num_old] = torch.sigmoid(self.old_model(images).to(logits.dtype))
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        loss = F.cross_entropy(logits, labels)
+        if num_old:
+            with torch.no_grad():
+                old_logits = self.old_model(images)
+            t = self.hparams.temperature
+            loss = loss + F.kl_div(
+                F.log_softmax(logits[:, :num_old] / t, dim=1), F.softmax(old_logits.float() / t, dim=1),
+                reduction="batchmean",
+            ) * (t * t)
+        return loss
+
+    def evaluation_scores(self, images: Tensor) -> dict[str, Tensor]:
+        features = self.backbone(images)
+        logits = self.head(features)
+        if len(self.class_means) < logits.shape[1]:
+            return {"nme": logits, "cnn": logits}
+        distance = torch.cdist(F.normalize(features.float(), dim=1), self.class_means[: logits.shape[1]].float())
+        return {"nme": -distance, "cnn": logits}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def architecture(self) -> dict[str, Any]:
+        return {
+            **super().architecture(),
+            "teacher_classes": 0 if self.old_model is None else self.old_model[1].out_features,
+            "class_means": list(self.class_means.shape),
+            "memory": self.memory.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        arch = checkpoint["lightning_cil"]
+        if arch["teacher_classes"]:
+            head = IncrementalLinear(self.backbone.out_dim, arch["teacher_classes"])
+            self.old_model = nn.Sequential(copy.deepcopy(self.backbone), head).requires_grad_(False).eval()
+        self.class_means = torch.zeros(*arch["class_means"])
+        self.memory.load_state_dict(arch["memory"])
