@@ -4,7 +4,8 @@
 
 Prints a table and writes benchmarks/results/throughput.json. The loader number is what the
 TaskStreamDataModule serves (uint8 tensor in memory + the CIFAR augmentation preset, collated
-batches); the training number is Finetune's ``trainer.fit`` on those batches, first batches excluded.
+batches); the training numbers are ``trainer.fit`` of the second task on those batches (first batches
+excluded) for Finetune and for iCaRL, whose step also runs the frozen previous model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_cil import Finetune, TaskSchedule, TaskStreamDataModule
+from lightning_cil import Finetune, ICaRL, TaskSchedule, TaskStreamDataModule
 
 
 class _Throughput(L.Callback):
@@ -66,10 +67,13 @@ def loader_throughput(args, num_workers: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def training_throughput(args, backbone: str) -> float:
+def training_throughput(args, backbone: str, method: type = Finetune) -> float:
+    """Images/s of the training step in the second task (iCaRL then also runs its frozen teacher)."""
     dm = _datamodule(args, args.train_workers)
-    model = Finetune(backbone=backbone, schedule=TaskSchedule(epochs=1, lr=0.1))
+    model = method(backbone=backbone, schedule=TaskSchedule(epochs=1, lr=0.1))
     model.on_task_start(dm.task_info(0))
+    model.on_task_start(dm.task_info(1))
+    dm.set_task(1)
     meter = _Throughput()
     trainer = L.Trainer(
         accelerator=args.accelerator,
@@ -120,13 +124,14 @@ def main() -> None:
             {"what": "data loader (CIFAR aug)", "workers": workers, "images_per_s": loader_throughput(args, workers)}
         )
     for backbone in args.backbones:
-        rows.append(
-            {
-                "what": f"Finetune training step, {backbone}",
-                "workers": args.train_workers,
-                "images_per_s": training_throughput(args, backbone),
-            }
-        )
+        for method in (Finetune, ICaRL):
+            rows.append(
+                {
+                    "what": f"{method.__name__} training step, {backbone}",
+                    "workers": args.train_workers,
+                    "images_per_s": training_throughput(args, backbone, method),
+                }
+            )
     print(f"setting: {json.dumps(setting)}")
     print(f"{'measurement':<44}{'workers':>8}{'images/s':>12}")
     for row in rows:

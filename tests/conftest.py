@@ -7,6 +7,10 @@ import os
 # Spin-waiting OpenMP threads halve CPU throughput on small machines; must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +18,16 @@ import lightning as L
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the installed `lightning-cil` command (as users do) from the repository root."""
+    exe = shutil.which("lightning-cil")
+    command = [exe] if exe else [sys.executable, "-m", "lightning_cil"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 def _extract(tmp_path_factory: pytest.TempPathFactory, archive: Path, name: str) -> Path:
@@ -52,3 +65,52 @@ def make_trainer(root: Path, **overrides) -> L.Trainer:
     )
     options.update(overrides)
     return L.Trainer(**options)
+
+
+#: The Split CIFAR-10 configs shrunk for a CPU: 200 train / 100 test images per class, ResNet-20, 6 epochs per task.
+SPLIT_CIFAR10_OVERRIDES = (
+    "--seed_everything",
+    "0",
+    "--data.max_train_per_class",
+    "200",
+    "--data.max_test_per_class",
+    "100",
+    "--data.num_workers",
+    "0",
+    "--model.init_args.backbone",
+    "resnet20",
+    "--model.init_args.schedule",
+    "{epochs: 6, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, milestones: [4]}",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.deterministic",
+    "true",
+)
+
+
+@pytest.fixture(scope="session")
+def split_cifar10(cifar10_root, tmp_path_factory):
+    """``run(method)`` -> metrics.json of configs/<method>_cifar10.yaml, shrunk; each method runs once per session."""
+    cache: dict[str, dict] = {}
+
+    def run(method: str) -> dict:
+        if method not in cache:
+            out_dir = tmp_path_factory.mktemp(f"split_cifar10_{method}")
+            out = cli(
+                "fit",
+                "--config",
+                str(REPO / "configs" / f"{method}_cifar10.yaml"),
+                "--data.root",
+                str(cifar10_root),
+                *SPLIT_CIFAR10_OVERRIDES,
+                "--trainer.default_root_dir",
+                str(out_dir),
+                "--trainer.logger.init_args.save_dir",
+                str(out_dir),
+            )
+            assert out.returncode == 0, out.stderr[-3000:]
+            (metrics,) = out_dir.glob(f"{method}_cifar10/version_*/metrics.json")
+            cache[method] = json.loads(metrics.read_text())
+        return cache[method]
+
+    return run

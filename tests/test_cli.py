@@ -1,24 +1,13 @@
 """The `lightning-cil` command as users run it: the quickstart config, shrunk by command-line overrides."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, cli
 
-REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-
-
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    exe = shutil.which("lightning-cil")
-    command = [exe] if exe else [sys.executable, "-m", "lightning_cil"]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 def shrunk(tmp_path: Path, *extra: str) -> list[str]:
@@ -88,9 +77,17 @@ def test_fit_runs_the_whole_stream_and_test_reproduces_it_from_the_checkpoint(tm
     seen = re.search(r"Evaluation after task 5/5 \(cnn\): accuracy on seen classes ([\d.]+)%", evaluated.stdout)
     assert seen is not None, evaluated.stdout[-2000:]
     assert float(seen.group(1)) == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
-    validated = cli("validate", "--config", str(QUICKSTART), "--ckpt_path", str(run / "checkpoints" / "task01.ckpt"),
-                    "--trainer.default_root_dir", str(tmp_path / "val"),
-                    "--trainer.logger.init_args.save_dir", str(tmp_path / "val"))
+    validated = cli(
+        "validate",
+        "--config",
+        str(QUICKSTART),
+        "--ckpt_path",
+        str(run / "checkpoints" / "task01.ckpt"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "val"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "val"),
+    )
     assert validated.returncode == 0, validated.stderr[-3000:]
     after_two = re.search(r"Evaluation after task 2/5 \(cnn\): accuracy on seen classes ([\d.]+)%", validated.stdout)
     assert float(after_two.group(1)) == pytest.approx(metrics["scorers"]["cnn"]["accuracy_seen"][1], abs=0.01)

@@ -103,49 +103,17 @@ def test_missing_checkpoint_is_named(tmp_path):
         run_stream(make_trainer(tmp_path), _model(), _digits_stream(), ckpt_path="nope.ckpt")
 
 
-def test_finetune_forgets_first_task_while_joint_keeps_it(cifar10_root, tmp_path):
-    """The Split CIFAR-10 configs, shrunk: 200 images per class, ResNet-20, 6 epochs per task, on real images.
+def test_finetune_forgets_first_task_while_joint_keeps_it(split_cifar10):
+    """Split CIFAR-10 configs shrunk (see conftest): real images, 5 tasks of 2 classes.
 
     Calibration run (seed 0): Finetune learns task 0 to 75% and ends at 0% on it; Joint ends at 61%.
     """
-    from test_cli import REPO, cli
-
-    results = {}
-    for method in ("finetune", "joint"):
-        out = cli(
-            "fit",
-            "--config",
-            str(REPO / "configs" / f"{method}_cifar10.yaml"),
-            "--seed_everything",
-            "0",
-            "--data.root",
-            str(cifar10_root),
-            "--data.max_train_per_class",
-            "200",
-            "--data.max_test_per_class",
-            "100",
-            "--data.num_workers",
-            "0",
-            "--model.init_args.backbone",
-            "resnet20",
-            "--model.init_args.schedule",
-            "{epochs: 6, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, milestones: [4]}",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.deterministic",
-            "true",
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        (metrics,) = tmp_path.glob(f"{method}_cifar10/version_*/metrics.json")
-        results[method] = json.loads(metrics.read_text())["scorers"]["cnn"]["accuracy_matrix"]
+    finetune = split_cifar10("finetune")["scorers"]["cnn"]["accuracy_matrix"]
+    joint = split_cifar10("joint")["scorers"]["cnn"]["accuracy_matrix"]
     # Finetune learned task 0 (well above the 50% chance of a 2-class task) and then lost it entirely.
-    assert results["finetune"][0][0] > 65, results["finetune"]
-    assert results["finetune"][-1][0] < 5, results["finetune"]
-    assert results["joint"][-1][0] > 40, results["joint"]
+    assert finetune[0][0] > 65, finetune
+    assert finetune[-1][0] < 5, finetune
+    assert joint[-1][0] > 40, joint
 
 
 def test_task_incremental_scoring_uses_the_known_task_id(tmp_path):
@@ -165,8 +133,14 @@ def test_domain_incremental_stream_on_pacs(pacs_root, tmp_path):
     """One task per PACS domain, same 7 classes; the head never grows."""
     L.seed_everything(0)
     dm = TaskStreamDataModule(
-        dataset="domains", root=str(pacs_root), scenario="domain", domains=["photo", "cartoon", "sketch"],
-        max_train_per_class=15, max_test_per_class=10, batch_size=32, num_workers=0,
+        dataset="domains",
+        root=str(pacs_root),
+        scenario="domain",
+        domains=["photo", "cartoon", "sketch"],
+        max_train_per_class=15,
+        max_test_per_class=10,
+        batch_size=32,
+        num_workers=0,
     )
     model = Finetune(backbone="resnet20", schedule=TaskSchedule(epochs=1, lr=0.05, milestones=[]))
     run_stream(make_trainer(tmp_path), model, dm)

@@ -134,7 +134,8 @@ class ICaRL(IncrementalModule):
                 old_logits = self.old_model(images)
             t = self.hparams.temperature
             loss = loss + F.kl_div(
-                F.log_softmax(logits[:, :num_old] / t, dim=1), F.softmax(old_logits.float() / t, dim=1),
+                F.log_softmax(logits[:, :num_old] / t, dim=1),
+                F.softmax(old_logits.float() / t, dim=1),
                 reduction="batchmean",
             ) * (t * t)
         return loss
