@@ -137,3 +137,28 @@ def test_two_process_ddp_stream_completes_and_matches_a_single_process_evaluatio
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     seen = re.search(r"accuracy on seen classes ([\d.]+)%", evaluated.stdout)
     assert float(seen.group(1)) == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
+
+
+def test_two_process_icarl_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch):
+    """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    dump = tmp_path / "ranks"
+    out = cli(
+        "fit",
+        *shrunk(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp"),
+        "--model.class_path",
+        "lightning_cil.methods.ICaRL",
+        "--model.init_args.memory_budget",
+        "50",
+        "--trainer.callbacks+=rank_dump.RankStateDump",
+        "--trainer.callbacks.out_dir",
+        str(dump),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for task in range(5):
+        rank0 = json.loads((dump / f"rank0_task{task}.json").read_text())
+        rank1 = json.loads((dump / f"rank1_task{task}.json").read_text())
+        assert rank0 == rank1, f"ranks differ after task {task}"
+        assert sum(len(v) for v in rank0["memory"].values()) == 50
+    metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
+    assert metrics["primary_scorer"] == "nme" and len(metrics["tasks"]) == 5

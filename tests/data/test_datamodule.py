@@ -171,3 +171,52 @@ def test_pacs_domain_and_task_scenarios(pacs_root):
         TaskStreamDataModule(scenario="domain", protocol="B0_Inc2", **common).prepare_stream()
     with pytest.raises(DatasetError, match=r"domains \['clipart'\] are not folders"):
         TaskStreamDataModule(scenario="domain", domains=["clipart"], **common).prepare_stream()
+
+
+def test_cifar_pickles_as_torchvision_stores_them(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def batch(n: int, offset: int) -> dict:
+        return {
+            "data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+            "labels": [(offset + i) % 10 for i in range(n)],
+        }
+
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(20, i)))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(10, 0)))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    dm = TaskStreamDataModule(dataset="cifar10", root=str(tmp_path), protocol="B0_Inc5", num_workers=0)
+    dm.prepare_stream()
+    assert dm.splits.train.images.shape == (100, 3, 32, 32) and len(dm.splits.test) == 10
+    assert dm.describe()["format"] == "pickle" and sorted(dm.class_names) == [f"c{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize(("dataset", "subset"), [("imagenet100", "podnet"), ("imagenet100", "seed1993")])
+def test_imagenet100_reads_only_its_subset_and_records_it(tmp_path, dataset, subset):
+    wnids = imagenet_subset(subset)
+    extra = "n99999999"  # a class outside the subset must be ignored
+    layout = {f"{split}/{w}": ["a.png"] for w in [*wnids, extra] for split in ("train", "val")}
+    _tree(tmp_path, layout)
+    dm = TaskStreamDataModule(
+        dataset=dataset, root=str(tmp_path), protocol="B0_Inc10", imagenet_subset=subset, num_workers=0
+    )
+    dm.prepare_stream()
+    assert sorted(dm.class_names) == sorted(wnids) and dm.num_tasks == 10
+    assert dm.describe()["imagenet_subset"] == subset
+    dm.set_task(0)
+    image, _, _ = dm.train_dataset()[0]
+    assert image.shape == (3, 224, 224)  # the ImageNet training preset: RandomResizedCrop(224)
+
+
+def test_imagenet_missing_subset_class_is_named(tmp_path):
+    wnids = imagenet_subset("podnet")[:99]
+    _tree(tmp_path, {f"{split}/{w}": ["a.png"] for w in wnids for split in ("train", "val")})
+    with pytest.raises(DatasetError, match=r"class folders \['n0\d+'\] are missing from train/ or val/"):
+        TaskStreamDataModule(dataset="imagenet100", root=str(tmp_path), protocol="B0_Inc10").prepare_stream()
