@@ -139,8 +139,10 @@ def test_two_process_ddp_stream_completes_and_matches_a_single_process_evaluatio
     assert float(seen.group(1)) == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
 
 
-def test_two_process_icarl_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch):
-    """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars."""
+@pytest.mark.parametrize("method", ["ICaRL", "DER"])
+def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch, method):
+    """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars.
+    DER also trains with frozen old extractors under DDP (no unused-parameter error) and balances its head."""
     monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
     dump = tmp_path / "ranks"
     out = cli(
@@ -161,4 +163,22 @@ def test_two_process_icarl_builds_the_same_memory_and_model_on_every_rank(tmp_pa
         assert rank0 == rank1, f"ranks differ after task {task}"
         assert sum(len(v) for v in rank0["memory"].values()) == 50
     metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
-    assert metrics["primary_scorer"] == "nme" and len(metrics["tasks"]) == 5
+    assert metrics["primary_scorer"] == ("nme" if method == "ICaRL" else "cnn") and len(metrics["tasks"]) == 5
+
+
+def test_bf16_mixed_precision_stream(tmp_path):
+    out = cli(
+        "fit",
+        *shrunk(tmp_path, "--trainer.precision", "bf16-mixed"),
+        "--model.class_path",
+        "lightning_cil.methods.DER",
+        "--model.init_args.backbone",
+        "resnet20",
+        "--model.init_args.memory_budget",
+        "40",
+        "--model.init_args.balance_epochs",
+        "2",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
+    assert len(metrics["tasks"]) == 5 and metrics["summary"]["avg_incremental_accuracy"] > 20

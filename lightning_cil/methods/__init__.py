@@ -1,8 +1,9 @@
 """CIL methods: one LightningModule subclass per file, all on the IncrementalModule contract."""
 
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.methods.der import DER
 from lightning_cil.methods.finetune import Finetune
 from lightning_cil.methods.icarl import ICaRL
 from lightning_cil.methods.joint import Joint
 
-__all__ = ["Finetune", "ICaRL", "IncrementalModule", "Joint", "TaskSchedule"]
+__all__ = ["DER", "Finetune", "ICaRL", "IncrementalModule", "Joint", "TaskSchedule"]

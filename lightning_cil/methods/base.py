@@ -12,6 +12,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_cil.data.memory import ExemplarMemory
 from lightning_cil.data.samplers import ShardedEvalSampler
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.metrics import TaskAccuracy
@@ -98,7 +99,7 @@ class IncrementalModule(LightningModule):
         self.schedule.check("schedule")
         if first_task is not None:
             first_task.check("first_task")
-        self.backbone = build_backbone(backbone, in_channels)
+        self.backbone = self._build_backbone(backbone, in_channels)
         self.head = IncrementalLinear(self.backbone.out_dim)
         self.task_index = -1
         self.num_tasks = 0
@@ -107,6 +108,10 @@ class IncrementalModule(LightningModule):
         self.eval_metrics = nn.ModuleDict()
         #: per scorer, the counts of the last evaluation pass (read by the stream)
         self.last_evaluation: dict[str, dict[str, list[int]]] = {}
+
+    def _build_backbone(self, name: str, in_channels: int) -> nn.Module:
+        """The feature extractor (methods that grow their own, like DER, override this)."""
+        return build_backbone(name, in_channels)
 
     # ------------------------------------------------------------------ task hooks
 
@@ -287,6 +292,17 @@ class IncrementalModule(LightningModule):
             positions = torch.arange(r, n, world)
             features[positions] = gathered[r, : len(positions)]
         return features
+
+    def update_memory(self, memory: ExemplarMemory, task: TaskInfo) -> None:
+        """Rehearsal step of a task end: shrink old classes to the new quota, then select exemplars for the new
+        classes from their training samples, on this module's current features (shared by rehearsal methods)."""
+        datamodule = self.trainer.datamodule
+        labels = datamodule.train_labels()
+        new = {}
+        for label in task.new_classes:
+            indices = torch.nonzero(labels == label).flatten()
+            new[label] = (indices, self.extract_features(datamodule.train_subset(indices)))
+        memory.update(range(task.num_seen_classes), new)
 
     def num_parameters(self) -> int:
         """Parameters used at inference (a frozen teacher copy, if any, is not counted)."""

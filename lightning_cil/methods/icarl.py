@@ -82,14 +82,7 @@ class ICaRL(IncrementalModule):
         return teacher.requires_grad_(False).eval()
 
     def on_task_end(self, task: TaskInfo) -> None:
-        datamodule = self.trainer.datamodule
-        labels = datamodule.train_labels()
-        new = {}
-        for label in task.new_classes:
-            indices = torch.nonzero(labels == label).flatten()
-            features = self.extract_features(datamodule.train_subset(indices))
-            new[label] = (indices, features)
-        self.memory.update(range(task.num_seen_classes), new)
+        self.update_memory(self.memory, task)
         self._compute_class_means(task.num_seen_classes)
 
     def _compute_class_means(self, num_classes: int) -> None:

@@ -45,6 +45,17 @@ class IncrementalLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)
         self._init_rows(old)
 
+    def expand_inputs(self, in_features: int) -> None:
+        """Accept a longer feature vector: old weights keep their columns, the new columns get the default
+        random initialisation (as DER's official code does when the super-feature grows)."""
+        if in_features <= self.in_features:
+            return
+        weight = torch.empty(self.out_features, in_features, device=self.weight.device, dtype=self.weight.dtype)
+        weight.uniform_(-(in_features**-0.5), in_features**-0.5)
+        weight[:, : self.in_features] = self.weight.detach()
+        self.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        self.in_features = in_features
+
     def forward(self, features: Tensor) -> Tensor:
         return nn.functional.linear(features, self.weight, self.bias)
 

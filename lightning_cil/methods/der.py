@@ -1,0 +1,170 @@
+"""DER: dynamically expandable representation (Yan, Xie and He, CVPR 2021)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_cil.data.memory import ExemplarMemory, Selection
+from lightning_cil.data.scenario import TaskInfo
+from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.networks import ExpandableBackbone, IncrementalLinear
+
+__all__ = ["DER"]
+
+
+class DER(IncrementalModule):
+    """DER without pruning ("DER w/o P" in the paper): one new feature extractor per task.
+
+    - At task t a new extractor F_t, initialised from F_{t-1}, joins the frozen F_1..F_{t-1} (weights and
+      BatchNorm statistics). The classifier reads the concatenated super-feature and covers all seen
+      classes; old weights keep their columns, new columns start random (as in the official code).
+    - From the second task on, an auxiliary classifier on F_t's features alone has |new classes| + 1
+      outputs (every old class maps to one label); its cross-entropy is added with weight ``aux_weight``.
+    - Classifier learning stage at the task end: the classifier is re-initialised and trained alone on a
+      class-balanced set (the exemplars, plus as many samples of each new class), with logits divided by
+      ``temperature``. Then the exemplar memory is rebuilt by herding on the super-feature.
+
+    Deviations, and why:
+    - The channel masks and pruning of full DER are not implemented yet. This class is the paper's
+      "w/o P" variant, which the paper reports as slightly more accurate (CIFAR-100 B0 10 steps: 75.36 avg).
+    - The balancing stage trains on features of the un-augmented balanced set. The extractors are frozen
+      in that stage, so the features are computed once; 30 epochs of a linear layer then take
+      milliseconds, not 30 passes through t backbones. Under DDP every rank trains the same head from
+      the same gathered features and seed, and rank 0's result is broadcast.
+
+    Args:
+        backbone: per-task extractor (official CIFAR: ``resnet18_cifar``; ImageNet: ``resnet18``).
+        in_channels: image channels.
+        schedule / first_task: optimisation of later / first tasks.
+        memory_budget / memory_per_class / selection: the exemplar memory (2,000 total, herding).
+        aux_weight: weight of the auxiliary loss (1 in the paper).
+        temperature: logit temperature of the balancing stage (CIFAR 5, ImageNet 1).
+        balance_epochs: epochs of the balancing stage (30); 0 skips it.
+        balance_lr: its learning rate (0.1), divided by 10 at each of ``balance_milestones`` ([15]).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18_cifar",
+        in_channels: int = 3,
+        schedule: TaskSchedule | None = None,
+        first_task: TaskSchedule | None = None,
+        memory_budget: int | None = 2000,
+        memory_per_class: int | None = None,
+        selection: Selection = "herding",
+        aux_weight: float = 1.0,
+        temperature: float = 5.0,
+        balance_epochs: int = 30,
+        balance_lr: float = 0.1,
+        balance_milestones: list[int] | None = None,
+    ) -> None:
+        super().__init__(backbone, in_channels, schedule, first_task)
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be positive.")
+        if balance_epochs < 0:
+            raise ValueError(f"balance_epochs={balance_epochs} must be >= 0.")
+        self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
+        self.aux_head: nn.Linear | None = None
+        self.num_old_classes = 0
+
+    def _build_backbone(self, name: str, in_channels: int) -> nn.Module:
+        return ExpandableBackbone(name, in_channels)
+
+    # ------------------------------------------------------------------ task hooks
+
+    def on_task_start(self, task: TaskInfo) -> None:
+        self.num_old_classes = task.num_seen_classes - len(task.new_classes)
+        if task.index > 0:
+            self.backbone.expand()
+            self.head.expand_inputs(self.backbone.out_dim)
+            self.aux_head = nn.Linear(self.backbone.newest_dim, len(task.new_classes) + 1)
+        super().on_task_start(task)
+
+    def on_task_end(self, task: TaskInfo) -> None:
+        if self.num_old_classes and self.hparams.balance_epochs:
+            self._balance_classifier(task)
+        self.update_memory(self.memory, task)
+
+    def exemplar_indices(self) -> Tensor:
+        return self.memory.indices()
+
+    def memory_size(self) -> int:
+        return len(self.memory)
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels, tasks = batch
+        super_feature, newest = self.backbone.forward_all(images)
+        logits = self.restrict_to_tasks(self.head(super_feature), tasks)
+        loss = F.cross_entropy(logits, labels)
+        if self.aux_head is not None:
+            aux_labels = torch.where(labels >= self.num_old_classes, labels - self.num_old_classes + 1, 0)
+            aux_loss = F.cross_entropy(self.aux_head(newest), aux_labels)
+            self.log("train/aux_loss", aux_loss, on_step=False, on_epoch=True, batch_size=len(labels))
+            loss = loss + self.hparams.aux_weight * aux_loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    @torch.enable_grad()
+    def _balance_classifier(self, task: TaskInfo) -> None:
+        """Re-initialise the classifier and train it on a class-balanced set of super-features."""
+        datamodule = self.trainer.datamodule
+        per_class = max(len(v) for v in self.memory.exemplars.values())
+        labels = datamodule.train_labels()
+        generator = torch.Generator().manual_seed(10_007 * (task.index + 1))
+        new_samples = []
+        for label in task.new_classes:
+            members = torch.nonzero(labels == label).flatten()
+            new_samples.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+        indices = torch.cat([self.memory.indices(), *new_samples])
+        device = self.trainer.strategy.root_device
+        features = self.extract_features(datamodule.train_subset(indices)).to(device)
+        targets = labels[indices].to(device)
+
+        head = IncrementalLinear(self.backbone.out_dim, task.num_seen_classes).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(10_009 * (task.index + 1))
+            head._init_rows(0)
+        optimizer = torch.optim.SGD(head.parameters(), lr=self.hparams.balance_lr, momentum=0.9, weight_decay=5e-4)
+        milestones = self.hparams.balance_milestones
+        milestones = [self.hparams.balance_epochs // 2] if milestones is None else milestones
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+        for _ in range(self.hparams.balance_epochs):
+            order = torch.randperm(len(targets), generator=generator).to(device)
+            for batch in order.split(128):
+                loss = F.cross_entropy(head(features[batch]) / self.hparams.temperature, targets[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+        state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in head.state_dict().items()})
+        with torch.no_grad():
+            self.head.weight.copy_(state["weight"])
+            self.head.bias.copy_(state["bias"])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def architecture(self) -> dict[str, Any]:
+        return {
+            **super().architecture(),
+            "extractors": len(self.backbone.extractors),
+            "aux_classes": 0 if self.aux_head is None else self.aux_head.out_features,
+            "num_old_classes": self.num_old_classes,
+            "memory": self.memory.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        arch = checkpoint["lightning_cil"]
+        while len(self.backbone.extractors) < arch["extractors"]:
+            self.backbone.expand()
+        self.head.expand_inputs(self.backbone.out_dim)
+        if arch["aux_classes"]:
+            self.aux_head = nn.Linear(self.backbone.newest_dim, arch["aux_classes"])
+        self.num_old_classes = arch["num_old_classes"]
+        super().on_load_checkpoint(checkpoint)
+        self.memory.load_state_dict(arch["memory"])
