@@ -32,6 +32,25 @@ def _run_dir(tmp_path: Path) -> Path:
     return metrics.parent
 
 
+def _evaluate(subcommand: str, checkpoint: Path, out_dir: Path) -> tuple[int, float]:
+    """Run `lightning-cil test|validate` on a checkpoint; return (tasks seen, accuracy on seen classes in %)."""
+    out = cli(
+        subcommand,
+        "--config",
+        str(QUICKSTART),
+        "--ckpt_path",
+        str(checkpoint),
+        "--trainer.default_root_dir",
+        str(out_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(out_dir),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = re.search(r"Evaluation after task (\d+)/\d+ \(cnn\): accuracy on seen classes ([\d.]+)%", out.stdout)
+    assert found is not None, out.stdout[-2000:]
+    return int(found.group(1)), float(found.group(2))
+
+
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(config):
     out = cli("fit", "--config", str(config), "--print_config")
@@ -61,36 +80,10 @@ def test_fit_runs_the_whole_stream_and_test_reproduces_it_from_the_checkpoint(tm
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["tasks"]) == 5 and metrics["summary"]["avg_incremental_accuracy"] > 0
     assert (run / "config.yaml").is_file()
-    last = run / "checkpoints" / "last.ckpt"
-    evaluated = cli(
-        "test",
-        "--config",
-        str(QUICKSTART),
-        "--ckpt_path",
-        str(last),
-        "--trainer.default_root_dir",
-        str(tmp_path / "eval"),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "eval"),
-    )
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    seen = re.search(r"Evaluation after task 5/5 \(cnn\): accuracy on seen classes ([\d.]+)%", evaluated.stdout)
-    assert seen is not None, evaluated.stdout[-2000:]
-    assert float(seen.group(1)) == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
-    validated = cli(
-        "validate",
-        "--config",
-        str(QUICKSTART),
-        "--ckpt_path",
-        str(run / "checkpoints" / "task01.ckpt"),
-        "--trainer.default_root_dir",
-        str(tmp_path / "val"),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "val"),
-    )
-    assert validated.returncode == 0, validated.stderr[-3000:]
-    after_two = re.search(r"Evaluation after task 2/5 \(cnn\): accuracy on seen classes ([\d.]+)%", validated.stdout)
-    assert float(after_two.group(1)) == pytest.approx(metrics["scorers"]["cnn"]["accuracy_seen"][1], abs=0.01)
+    tasks, accuracy = _evaluate("test", run / "checkpoints" / "last.ckpt", tmp_path / "eval")
+    assert tasks == 5 and accuracy == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
+    tasks, accuracy = _evaluate("validate", run / "checkpoints" / "task01.ckpt", tmp_path / "val")
+    assert tasks == 2 and accuracy == pytest.approx(metrics["scorers"]["cnn"]["accuracy_seen"][1], abs=0.01)
 
 
 @pytest.mark.parametrize(
@@ -123,20 +116,8 @@ def test_two_process_ddp_stream_completes_and_matches_a_single_process_evaluatio
     run = _run_dir(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["tasks"]) == 5
-    evaluated = cli(
-        "test",
-        "--config",
-        str(QUICKSTART),
-        "--ckpt_path",
-        str(run / "checkpoints" / "last.ckpt"),
-        "--trainer.default_root_dir",
-        str(tmp_path / "eval"),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "eval"),
-    )
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    seen = re.search(r"accuracy on seen classes ([\d.]+)%", evaluated.stdout)
-    assert float(seen.group(1)) == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
+    tasks, accuracy = _evaluate("test", run / "checkpoints" / "last.ckpt", tmp_path / "eval")
+    assert tasks == 5 and accuracy == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
 
 
 @pytest.mark.parametrize("method", ["ICaRL", "DER"])
