@@ -202,8 +202,9 @@ class TaskStream(Callback):
             "epochs": self.epoch_budget[task],
             **{f"{name}_accuracy_seen": round(100 * float(m.seen[task]), 4) for name, m in self.matrices.items()},
         }
-        if hasattr(model, "memory_size"):
-            entry["memory_size"] = int(model.memory_size())
+        exemplars = model.exemplar_indices()
+        if exemplars is not None:
+            entry["memory_size"] = len(exemplars)
         self.history.append(entry)
         stream_metrics = {
             "task": float(task),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -296,13 +295,6 @@ class TaskStreamDataModule(L.LightningDataModule):
         task = self._require_task() if up_to_task is None else up_to_task
         indices = torch.nonzero(self._test_tasks <= task).flatten()
         return TaskDataset(self.splits.test, indices, self._test_labels, self._test_tasks, self.test_transform)
-
-    def train_samples_of(self, labels: Sequence[int] | Tensor, augment: bool = False) -> TaskDataset:
-        """Training samples of the given stream labels, test-time transform by default (exemplar selection)."""
-        wanted = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels, dtype=torch.long)
-        indices = torch.nonzero(torch.isin(self._train_labels, wanted)).flatten()
-        transform = self.train_transform if augment else self.test_transform
-        return TaskDataset(self.splits.train, indices, self._train_labels, self._train_tasks, transform)
 
     def train_subset(self, indices: Tensor) -> TaskDataset:
         """Given train-split samples (e.g. exemplars) with the test-time transform."""

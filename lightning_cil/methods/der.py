@@ -92,9 +92,6 @@ class DER(IncrementalModule):
     def exemplar_indices(self) -> Tensor:
         return self.memory.indices()
 
-    def memory_size(self) -> int:
-        return len(self.memory)
-
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:

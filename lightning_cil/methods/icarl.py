@@ -102,9 +102,6 @@ class ICaRL(IncrementalModule):
     def exemplar_indices(self) -> Tensor:
         return self.memory.indices()
 
-    def memory_size(self) -> int:
-        return len(self.memory)
-
     def train(self, mode: bool = True):
         super().train(mode)
         if self.old_model is not None:
