@@ -7,15 +7,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AccuracyMatrix", "average_forgetting", "backward_transfer"]
+__all__ = ["AccuracyMatrix", "average_forgetting", "backward_transfer", "forgetting_per_task"]
+
+
+def forgetting_per_task(matrix: np.ndarray, upto: int) -> np.ndarray:
+    """Forgetting of each old task j after task ``upto``: max_{i<upto} R[i, j] - R[upto, j] (one value per j < upto)."""
+    return np.array([np.nanmax(matrix[j:upto, j]) - matrix[upto, j] for j in range(upto)], dtype=np.float64)
 
 
 def average_forgetting(matrix: np.ndarray, upto: int) -> float:
     """Chaudhry et al. (2018): mean over old tasks j of max_{i<upto} R[i, j] - R[upto, j]."""
     if upto == 0:
         return float("nan")
-    drops = [np.nanmax(matrix[j:upto, j]) - matrix[upto, j] for j in range(upto)]
-    return float(np.mean(drops))
+    return float(np.mean(forgetting_per_task(matrix, upto)))
 
 
 def backward_transfer(matrix: np.ndarray, upto: int) -> float:
@@ -97,6 +101,21 @@ class AccuracyMatrix:
         out = cls(int(state["num_tasks"]))
         for key in ("matrix", "seen", "seen_top5", "old", "new"):
             setattr(out, key, np.asarray(state[key], dtype=np.float64))
+        return out
+
+    @classmethod
+    def from_json(cls, payload: dict) -> AccuracyMatrix:
+        """Inverse of ``to_json`` (to the 4 decimals it keeps): a scorer's entry of a run's metrics.json."""
+        keys = {
+            "matrix": "accuracy_matrix",
+            "seen": "accuracy_seen",
+            "seen_top5": "top5_seen",
+            "old": "accuracy_old",
+            "new": "accuracy_new",
+        }
+        out = cls(len(payload["accuracy_matrix"]))
+        for attr, key in keys.items():
+            setattr(out, attr, np.array(payload[key], dtype=np.float64) / 100)  # None becomes nan
         return out
 
     def to_json(self) -> dict:

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_cil.metrics import AccuracyMatrix, TaskAccuracy, average_forgetting, backward_transfer
+from lightning_cil.metrics import (
+    AccuracyMatrix,
+    TaskAccuracy,
+    average_forgetting,
+    backward_transfer,
+    forgetting_per_task,
+)
 
 
 def test_task_accuracy_counts_per_task_in_one_pass():
@@ -54,3 +60,18 @@ def test_forgetting_and_transfer_of_first_task_are_undefined():
 def test_empty_task_in_evaluation_is_an_error():
     with pytest.raises(ValueError, match=r"saw no test samples of tasks \[1\]"):
         AccuracyMatrix(2).record(1, [5, 0], [5, 0], [5, 0])
+
+
+def test_forgetting_per_task_and_the_metrics_json_round_trip():
+    m = AccuracyMatrix(3)
+    m.record(0, [90, 0, 0], [100, 0, 0], [100, 0, 0])
+    m.record(1, [60, 80, 0], [90, 95, 0], [100, 100, 0])
+    assert forgetting_per_task(m.matrix, 1).tolist() == pytest.approx([0.3])
+    m.record(2, [30, 50, 70], [80, 90, 100], [100, 100, 100])
+    assert forgetting_per_task(m.matrix, 2).tolist() == pytest.approx([0.6, 0.3])
+    partial = AccuracyMatrix(3)
+    partial.record(0, [90, 0, 0], [100, 0, 0], [100, 0, 0])
+    for original in (m, partial):
+        restored = AccuracyMatrix.from_json(original.to_json())
+        assert restored.completed == original.completed and restored.summary() == original.summary()
+        assert np.allclose(restored.matrix, original.matrix, equal_nan=True)
