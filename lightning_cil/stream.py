@@ -31,7 +31,7 @@ from lightning_cil.data.datamodule import TaskStreamDataModule, _base_seed
 from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule
 from lightning_cil.metrics import AccuracyMatrix
 
-__all__ = ["TaskStream", "run_stream"]
+__all__ = ["StreamCallback", "TaskStream", "run_stream"]
 
 METRICS_FILE = "metrics.json"
 
@@ -40,6 +40,7 @@ METRICS_FILE = "metrics.json"
 class _ResumePoint:
     task: int
     task_completed: bool
+    callback_states: dict[str, Any]
 
 
 def _reseed(*parts: int) -> None:
@@ -56,6 +57,27 @@ def _reseed(*parts: int) -> None:
 @rank_zero_only
 def _print(text: str) -> None:
     print(text, flush=True)
+
+
+class StreamCallback(Callback):
+    """A Callback that also hears the stream's events, which have no Lightning hook.
+
+    ``TaskStream`` calls these on every rank, on each of the trainer's callbacks that subclasses this class.
+    """
+
+    def on_stream_resume(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Any] | None) -> None:
+        """Before the first ``fit`` of a resumed stream, with the state this callback saved in the checkpoint.
+
+        Lightning restores callback states inside ``fit``, after the loggers have started their runs: too late for a
+        callback that must tell a logger which run to continue.
+        """
+
+    def on_task_evaluated(self, trainer: Trainer, pl_module: LightningModule, stream: TaskStream, task: int) -> None:
+        """After task ``task``'s evaluation is recorded in ``stream.matrices`` and ``stream.history``."""
+
+
+def _stream_callbacks(trainer: Trainer) -> list[StreamCallback]:
+    return [callback for callback in trainer.callbacks if isinstance(callback, StreamCallback)]
 
 
 class TaskStream(Callback):
@@ -95,6 +117,21 @@ class TaskStream(Callback):
         self.stream = dict(state_dict["stream"])
         self.epoch_budget = list(state_dict["epoch_budget"])
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A task-end checkpoint gets optimizer states that fit the model as it is now.
+
+        The finished fit's optimizer never steps again (the next task builds its own), but resuming at this
+        boundary goes through ``fit``, which loads the saved state into an optimizer built for the current
+        parameters; after pruning or growing in ``on_task_end`` the finished fit's state would not fit them.
+        """
+        at_task_end = self.completed_task >= 0 and self.completed_task == getattr(pl_module, "task_index", None)
+        config = pl_module.configure_optimizers() if at_task_end and "optimizer_states" in checkpoint else None
+        if isinstance(config, dict) and "optimizer" in config:
+            checkpoint["optimizer_states"] = [config["optimizer"].state_dict()]
+            scheduler = config.get("lr_scheduler")
+            scheduler = scheduler.get("scheduler") if isinstance(scheduler, dict) else scheduler
+            checkpoint["lr_schedulers"] = [scheduler.state_dict()] if scheduler is not None else []
+
     # ------------------------------------------------------------------ the loop
 
     def run(
@@ -118,6 +155,9 @@ class TaskStream(Callback):
         if resume is None:
             self.stream = stream
             self.matrices = {name: AccuracyMatrix(num_tasks) for name in model.scorers}
+        else:
+            for callback in _stream_callbacks(trainer):
+                callback.on_stream_resume(trainer, model, resume.callback_states.get(callback.state_key))
         cumulative = np.cumsum(self.epoch_budget)
         _print(
             f"Stream: {stream['dataset']} ({stream['scenario']}-incremental), {num_tasks} tasks of "
@@ -184,7 +224,7 @@ class TaskStream(Callback):
             )
         self.load_state_dict(state)
         self.epoch_budget = [*state["epoch_budget"][: task + 1], *self.epoch_budget[task + 1 :]]
-        return _ResumePoint(task, int(state["completed_task"]) >= task)
+        return _ResumePoint(task, int(state["completed_task"]) >= task, checkpoint["callbacks"])
 
     def _evaluate(
         self, trainer: Trainer, model: IncrementalModule, datamodule: TaskStreamDataModule, task: int, seconds: float
@@ -220,6 +260,8 @@ class TaskStream(Callback):
             f"[task {task + 1}/{len(self.epoch_budget)}] {primary} accuracy on seen classes "
             f"{100 * matrix.seen[task]:.2f}% | per task: {row}"
         )
+        for callback in _stream_callbacks(trainer):
+            callback.on_task_evaluated(trainer, model, self, task)
 
     @rank_zero_only
     def _write_metrics(self, run_dir: Path, model: IncrementalModule) -> None:
