@@ -3,6 +3,7 @@
 lightning-cil fit --config configs/quickstart.yaml
 lightning-cil fit --config configs/finetune_cifar10.yaml --model.init_args.schedule.epochs 2
 lightning-cil test --config configs/quickstart.yaml --ckpt_path <run>/checkpoints/last.ckpt
+lightning-cil report <run> [<run> ...] --out <folder>
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_cil import report
 from lightning_cil.data import TaskStreamDataModule
 from lightning_cil.methods import IncrementalModule
 from lightning_cil.stream import run_stream
@@ -85,9 +87,13 @@ def _is_configuration_error(error: BaseException) -> bool:
 
 def main(args: Any = None) -> None:
     """Console entry point. Configuration errors print one line, not a traceback
-    (set LIGHTNING_CIL_TRACEBACK=1 to see it)."""
+    (set LIGHTNING_CIL_TRACEBACK=1 to see it). ``report`` is answered here, without building a LightningCLI."""
+    argv = sys.argv[1:] if args is None else args
     try:
-        LightningCILCLI(args=args)
+        if isinstance(argv, (list, tuple)) and argv[:1] == ["report"]:
+            report.main(argv[1:])
+        else:
+            LightningCILCLI(args=args)
     except Exception as error:
         if not _is_configuration_error(error) or os.environ.get("LIGHTNING_CIL_TRACEBACK"):
             raise
