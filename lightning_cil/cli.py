@@ -13,10 +13,12 @@ import sys
 import traceback
 from typing import Any
 
+from lightning import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_cil import report
+from lightning_cil.callbacks import SaveConfigToWandb, WandbDashboard, wandb_loggers
 from lightning_cil.data import TaskStreamDataModule
 from lightning_cil.methods import IncrementalModule
 from lightning_cil.stream import run_stream
@@ -34,6 +36,7 @@ class LightningCILCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", SaveConfigToWandb)
         # CSV is the embedded default logger (no extra dependency, readable by `report` and pandas);
         # TensorBoard and W&B are one `trainer.logger` entry away.
         kwargs.setdefault(
@@ -41,6 +44,13 @@ class LightningCILCLI(LightningCLI):
             {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}},
         )
         super().__init__(IncrementalModule, TaskStreamDataModule, *args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, plus the stream's W&B dashboard whenever a WandbLogger is configured."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if wandb_loggers(trainer) and not any(isinstance(c, WandbDashboard) for c in trainer.callbacks):
+            trainer.callbacks.append(WandbDashboard())
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_channels", "model.init_args.in_channels", apply_on="instantiate")
