@@ -25,6 +25,7 @@ class RankStateDump(L.Callback):
             "memory": memory.state_dict()["exemplars"] if memory is not None else None,
             "class_means": getattr(pl_module, "class_means", torch.zeros(0)).cpu().tolist(),
             "weights_sha256": digest.hexdigest(),
+            "pruning": getattr(pl_module, "pruning_history", None),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"rank{trainer.global_rank}_task{pl_module.task_index}.json"

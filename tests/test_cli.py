@@ -123,7 +123,8 @@ def test_two_process_ddp_stream_completes_and_matches_a_single_process_evaluatio
 @pytest.mark.parametrize("method", ["ICaRL", "DER"])
 def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch, method):
     """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars.
-    DER also trains with frozen old extractors under DDP (no unused-parameter error) and balances its head."""
+    DER (with channel masks and pruning) also trains with frozen old extractors under DDP (no unused-parameter
+    error), prunes the same channels on both ranks and balances its head."""
     monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
     dump = tmp_path / "ranks"
     out = cli(
@@ -135,6 +136,7 @@ def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tm
         "50",
         "--model.init_args.backbone",
         "resnet20",
+        *(["--model.init_args.prune", "true"] if method == "DER" else []),
         "--trainer.callbacks+=rank_dump.RankStateDump",
         "--trainer.callbacks.out_dir",
         str(dump),
@@ -145,6 +147,8 @@ def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tm
         rank1 = json.loads((dump / f"rank1_task{task}.json").read_text())
         assert rank0 == rank1, f"ranks differ after task {task}"
         assert sum(len(v) for v in rank0["memory"].values()) == 50
+        if method == "DER":  # the masks were learned, binarised and applied at every task end
+            assert len(rank0["pruning"]) == task + 1 and all(0 < f <= 1 for f in rank0["pruning"])
     metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
     assert metrics["primary_scorer"] == ("nme" if method == "ICaRL" else "cnn") and len(metrics["tasks"]) == 5
 
@@ -161,6 +165,8 @@ def test_bf16_mixed_precision_stream(tmp_path):
         "40",
         "--model.init_args.balance_epochs",
         "2",
+        "--model.init_args.prune",
+        "true",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from lightning_cil import Finetune, Joint, TaskSchedule, TaskStreamDataModule, run_stream
+from lightning_cil import DER, Finetune, Joint, TaskSchedule, TaskStreamDataModule, run_stream
 
 
 def _digits_stream(**kw) -> TaskStreamDataModule:
@@ -38,9 +38,15 @@ class _Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def _run(root: Path, seed: int = 5, crash_at: int | None = None, ckpt_path=None):
+def _pruned_der() -> DER:
+    """DER with channel masks: a checkpoint mid-task holds the masks, one at a task end the pruned shapes."""
+    schedule = TaskSchedule(epochs=3, lr=0.05, milestones=[])
+    return DER(backbone="resnet20", in_channels=1, schedule=schedule, memory_budget=40, prune=True, balance_epochs=2)
+
+
+def _run(root: Path, seed: int = 5, crash_at: int | None = None, ckpt_path=None, method=_model):
     L.seed_everything(seed)
-    model, dm = _model(), _digits_stream()
+    model, dm = method(), _digits_stream()
     callbacks = [_Crash(crash_at)] if crash_at is not None else []
     trainer = make_trainer(root, callbacks=callbacks)
     run_stream(trainer, model, dm, ckpt_path=ckpt_path)
@@ -64,17 +70,18 @@ def test_stream_writes_matrix_checkpoints_and_metrics(tmp_path):
     )
 
 
+@pytest.mark.parametrize("method", [_model, _pruned_der], ids=["Finetune", "DER-pruned"])
 @pytest.mark.parametrize(("crash_at", "where"), [(4, "mid-task"), (6, "task boundary")])
-def test_resumed_stream_ends_like_an_uninterrupted_one(tmp_path, crash_at, where):
+def test_resumed_stream_ends_like_an_uninterrupted_one(tmp_path, crash_at, where, method):
     # 3 tasks x 3 epochs: epoch 4 is inside task 1; epoch 6 is the first epoch of task 2, so the newest
     # checkpoint then is the one written after task 1 ended.
-    reference = _run(tmp_path / "reference")
+    reference = _run(tmp_path / "reference", method=method)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(tmp_path / "killed", crash_at=crash_at)
+        _run(tmp_path / "killed", crash_at=crash_at, method=method)
     last = tmp_path / "killed" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=False)["callbacks"]["TaskStream"]
     assert state["completed_task"] == (0 if crash_at == 4 else 1), where
-    resumed = _run(tmp_path / "resumed", ckpt_path=last)
+    resumed = _run(tmp_path / "resumed", ckpt_path=last, method=method)
     expected = _metrics(tmp_path / "reference")["scorers"]["cnn"]["accuracy_matrix"]
     assert _metrics(tmp_path / "resumed")["scorers"]["cnn"]["accuracy_matrix"] == expected
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):

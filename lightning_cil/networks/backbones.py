@@ -44,12 +44,21 @@ class _CifarBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.pad = planes - in_planes
         self.stride = stride
+        self.register_buffer("shortcut_index", None, persistent=False)
+
+    def set_shortcut_index(self, index: Tensor) -> None:
+        """After channel pruning: output channel j of the shortcut is input channel ``index[j]``, or zero where
+        ``index[j]`` equals the number of input channels."""
+        self.shortcut_index = index
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x
-        if self.stride != 1 or self.pad:
+        if self.shortcut_index is not None:
+            shortcut = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, 1))
+            shortcut = shortcut.index_select(1, self.shortcut_index)
+        elif self.stride != 1 or self.pad:
             shortcut = x[:, :, :: self.stride, :: self.stride]
             shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return F.relu(out + shortcut)

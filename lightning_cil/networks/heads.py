@@ -56,6 +56,12 @@ class IncrementalLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
         self.in_features = in_features
 
+    def keep_inputs(self, index: Tensor) -> None:
+        """Keep only the feature columns ``index`` (after the features they read were pruned away)."""
+        index = index.to(self.weight.device)
+        self.weight = nn.Parameter(self.weight.detach()[:, index].clone(), requires_grad=self.weight.requires_grad)
+        self.in_features = len(index)
+
     def forward(self, features: Tensor) -> Tensor:
         return nn.functional.linear(features, self.weight, self.bias)
 

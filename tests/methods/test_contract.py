@@ -22,13 +22,18 @@ def test_registry_lists_the_methods():
     assert {cls.__name__ for cls in METHODS} >= {"Finetune", "Joint", "ICaRL"}
 
 
-@pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
-def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, tmp_path):
+#: methods with options that change their architecture get their own contract case
+CASES = [(cls, {}) for cls in METHODS] + [(methods.DER, {"prune": True})]
+
+
+@pytest.mark.parametrize(("cls", "options"), CASES, ids=lambda c: c.__name__ if isinstance(c, type) else str(c))
+def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_path):
     L.seed_everything(0)
     dm = TaskStreamDataModule(
         dataset="digits", initial_classes=4, increment=3, class_order_seed=None, batch_size=64, num_workers=0
     )
     kwargs = {"memory_budget": 60} if "memory_budget" in inspect.signature(cls).parameters else {}
+    kwargs.update(options)
     model = cls(backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=1, lr=0.02, milestones=[]), **kwargs)
     trainer = make_trainer(tmp_path)
     run_stream(trainer, model, dm)
