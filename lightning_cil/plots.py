@@ -7,6 +7,7 @@ figure registry grows during a long stream, and importing this module does not t
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,11 @@ def _figure(width: float, height: float) -> Figure:
     return figure
 
 
+def _task_ticks(n: int, most: int) -> list[int]:
+    """Every task's index, or every k-th one so that at most ``most`` labels share an axis."""
+    return list(range(0, n, math.ceil(n / most)))
+
+
 def accuracy_curves_figure(curves: Sequence[AccuracyCurve]) -> Figure:
     """Accuracy on all seen classes against the number of classes, one line per run (as in the iCaRL and DER
     papers); the legend gives each run's average incremental accuracy."""
@@ -83,7 +89,7 @@ def accuracy_matrix_figure(matrix: AccuracyMatrix, title: str, tasks: int | None
     """
     n = max(tasks or matrix.completed, 1)
     values = 100 * matrix.matrix[:n, :n]
-    side = min(3.0 + 0.6 * n, 14.0)
+    side = min(3.0 + 0.6 * n, 9.0)
     figure = _figure(side + 1.0, side)
     ax = figure.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=100)
@@ -93,8 +99,7 @@ def accuracy_matrix_figure(matrix: AccuracyMatrix, title: str, tasks: int | None
             if not np.isnan(value):
                 color = "black" if value > 60 else "white"
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=color, fontsize="small")
-    step = max(1, n // _ANNOTATE_UP_TO)
-    ticks = list(range(0, n, step))
+    ticks = _task_ticks(n, most=_ANNOTATE_UP_TO)
     ax.set_xticks(ticks, [f"T{t}" for t in ticks])
     ax.set_yticks(ticks, [f"T{t}" for t in ticks])
     ax.set_xlabel("evaluated on task")
@@ -121,8 +126,7 @@ def forgetting_figure(runs: Sequence[tuple[str, Sequence[float]]]) -> Figure:
     for k, (label, values) in enumerate(runs):
         positions = np.arange(len(values)) - 0.4 + width * (k + 0.5)
         ax.bar(positions, values, width=width, label=label)
-    step = max(1, longest // _ANNOTATE_UP_TO)
-    ticks = list(range(0, longest, step))
+    ticks = _task_ticks(longest, most=12)
     ax.set_xticks(ticks, [f"T{t}" for t in ticks])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("task")

@@ -51,6 +51,11 @@ class WandbDashboard(StreamCallback):
         self._defined: set[tuple[str, str]] = set()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self.run_ids and trainer.loggers and isinstance(trainer.loggers[0], WandbLogger):
+            rank_zero_warn(
+                "the first logger is a WandbLogger, so metrics.json and config.yaml go straight into its save_dir "
+                f"({trainer.loggers[0].save_dir}), shared by every run: put a CSVLogger (or TensorBoardLogger) first."
+            )
         # Lightning has started the loggers' runs by now (on rank 0; other ranks keep None)
         self.run_ids = [logger.version for logger in wandb_loggers(trainer)]
 
