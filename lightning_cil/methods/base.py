@@ -209,7 +209,8 @@ class IncrementalModule(LightningModule):
             metric = self.eval_metrics[name]
             result = metric.compute()
             metric.reset()
-            correct, top_k, total = (result[k].cpu() for k in ("correct", "correct_top_k", "total"))
+            # reshape: torchmetrics squeezes one-element results to 0-d (a stream of one task)
+            correct, top_k, total = (result[k].cpu().reshape(-1) for k in ("correct", "correct_top_k", "total"))
             self.last_evaluation[name] = {
                 "correct": correct.tolist(),
                 "correct_top5": top_k.tolist(),
