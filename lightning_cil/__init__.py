@@ -1,7 +1,7 @@
 """lightning_cil: class-incremental learning on PyTorch Lightning."""
 
 from lightning_cil.data import TaskInfo, TaskStreamDataModule
-from lightning_cil.methods import DER, Finetune, ICaRL, IncrementalModule, Joint, TaskSchedule
+from lightning_cil.methods import DER, Finetune, ICaRL, IncrementalModule, Joint, PackNet, Piggyback, TaskSchedule
 from lightning_cil.stream import TaskStream, run_stream
 
 __version__ = "0.1.0"
@@ -12,6 +12,8 @@ __all__ = [
     "ICaRL",
     "IncrementalModule",
     "Joint",
+    "PackNet",
+    "Piggyback",
     "TaskInfo",
     "TaskSchedule",
     "TaskStream",

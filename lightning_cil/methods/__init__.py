@@ -5,5 +5,7 @@ from lightning_cil.methods.der import DER
 from lightning_cil.methods.finetune import Finetune
 from lightning_cil.methods.icarl import ICaRL
 from lightning_cil.methods.joint import Joint
+from lightning_cil.methods.packnet import PackNet
+from lightning_cil.methods.piggyback import Piggyback
 
-__all__ = ["DER", "Finetune", "ICaRL", "IncrementalModule", "Joint", "TaskSchedule"]
+__all__ = ["DER", "Finetune", "ICaRL", "IncrementalModule", "Joint", "PackNet", "Piggyback", "TaskSchedule"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IncrementalLinear"]
+__all__ = ["IncrementalLinear", "TaskHeads"]
 
 
 class IncrementalLinear(nn.Module):
@@ -67,3 +67,32 @@ class IncrementalLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class TaskHeads(nn.Module):
+    """One linear classifier per task, concatenated; finished tasks' heads are frozen (task-incremental methods
+    that promise to leave earlier tasks exactly as they were). Same interface as :class:`IncrementalLinear`."""
+
+    def __init__(self, in_features: int, out_features: int = 0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.heads = nn.ModuleList()
+        self.expand(out_features)
+
+    @property
+    def out_features(self) -> int:
+        return sum(h.out_features for h in self.heads)
+
+    def expand(self, out_features: int) -> None:
+        """Freeze the existing heads and add one for the classes beyond them."""
+        if out_features <= self.out_features:
+            return
+        for head in self.heads:
+            head.requires_grad_(False)
+        device = self.heads[0].weight.device if len(self.heads) else None
+        self.heads.append(nn.Linear(self.in_features, out_features - self.out_features, device=device))
+
+    def forward(self, features: Tensor) -> Tensor:
+        if not len(self.heads):
+            return features.new_zeros(len(features), 0)
+        return torch.cat([head(features) for head in self.heads], dim=1)

@@ -10,6 +10,7 @@ from conftest import make_trainer
 import lightning_cil.methods as methods
 from lightning_cil import TaskSchedule, TaskStreamDataModule, run_stream
 from lightning_cil.methods import IncrementalModule
+from lightning_cil.methods.masking import TaskMaskedModule
 
 METHODS = [
     cls
@@ -23,26 +24,48 @@ def test_registry_lists_the_methods():
 
 
 #: methods with options that change their architecture get their own contract case
-CASES = [(cls, {}) for cls in METHODS] + [(methods.DER, {"prune": True})]
+REQUIRED = {methods.PackNet: {"retrain_epochs": 1}}  # fits the 2-epoch tasks below
+CASES = [(cls, REQUIRED.get(cls, {})) for cls in METHODS] + [
+    (methods.DER, {"prune": True}),
+    (methods.Piggyback, {"task_batchnorm": True}),
+]
 
 
 @pytest.mark.parametrize(("cls", "options"), CASES, ids=lambda c: c.__name__ if isinstance(c, type) else str(c))
 def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_path):
     L.seed_everything(0)
+    scenario = "task" if issubclass(cls, TaskMaskedModule) else "class"  # these need the task id at test time
     dm = TaskStreamDataModule(
-        dataset="digits", initial_classes=4, increment=3, class_order_seed=None, batch_size=64, num_workers=0
+        dataset="digits",
+        scenario=scenario,
+        initial_classes=4,
+        increment=3,
+        class_order_seed=None,
+        batch_size=64,
+        num_workers=0,
     )
     kwargs = {"memory_budget": 60} if "memory_budget" in inspect.signature(cls).parameters else {}
     kwargs.update(options)
-    model = cls(backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=1, lr=0.02, milestones=[]), **kwargs)
+    epochs = 2 if cls is methods.PackNet else 1  # PackNet prunes before its retraining epochs
+    model = cls(
+        backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=epochs, lr=0.02, milestones=[]), **kwargs
+    )
     trainer = make_trainer(tmp_path)
     run_stream(trainer, model, dm)
     assert model.head.out_features == 10 and model.task_index == 2
     recorded = {name: counts["correct"] for name, counts in model.last_evaluation.items()}
 
-    fresh = cls(backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=1, lr=0.02, milestones=[]), **kwargs)
+    fresh = cls(
+        backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=epochs, lr=0.02, milestones=[]), **kwargs
+    )
     fresh_dm = TaskStreamDataModule(
-        dataset="digits", initial_classes=4, increment=3, class_order_seed=None, batch_size=64, num_workers=0
+        dataset="digits",
+        scenario=scenario,
+        initial_classes=4,
+        increment=3,
+        class_order_seed=None,
+        batch_size=64,
+        num_workers=0,
     )
     ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     make_trainer(tmp_path / "eval").test(fresh, datamodule=fresh_dm, ckpt_path=str(ckpt), verbose=False)

@@ -1,0 +1,100 @@
+"""The shared part of Piggyback and PackNet: one frozen backbone, per-task weight masks, a task id at test time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_cil.data.scenario import TaskInfo
+from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.networks.heads import TaskHeads
+from lightning_cil.networks.pretrained import load_pretrained
+
+__all__ = ["TaskMaskedModule"]
+
+
+class TaskMaskedModule(IncrementalModule):
+    """A backbone whose weights are shared by all tasks through per-task masks; one head per task.
+
+    Subclasses attach their masks in ``__init__`` and implement :meth:`activate`, which makes the network
+    compute task ``t``'s function. Evaluation splits each batch by task id and activates each task in turn, so
+    earlier tasks are scored by exactly the network they finished with. BatchNorm keeps the pretrained
+    statistics (eval mode) unless a subclass trains task-specific BatchNorm.
+
+    Args:
+        backbone / in_channels / schedule / first_task: as for every method.
+        pretrained: backbone weights: a torchvision state dict (``.pth``), a lightning_cil checkpoint
+            (``.ckpt``; its backbone), or ``torchvision:<Weights>`` (downloads; needs internet).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        in_channels: int = 3,
+        schedule: TaskSchedule | None = None,
+        first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__(backbone, in_channels, schedule, first_task)
+        if pretrained is not None:
+            load_pretrained(self.backbone, pretrained)
+        self.backbone.requires_grad_(False)
+        self.head = TaskHeads(self.backbone.out_dim)
+        self.active_task = -1
+
+    # ------------------------------------------------------------------ tasks
+
+    def on_task_start(self, task: TaskInfo) -> None:
+        if task.scenario != "task":
+            raise ValueError(
+                f"{type(self).__name__} needs the task id at test time: set data.scenario: task "
+                f"(got {task.scenario!r})."
+            )
+        super().on_task_start(task)
+        self.activate(task.index, training=True)
+
+    def activate(self, task: int, training: bool = False) -> None:
+        """Make the network compute task ``task`` (``training``: the task being learned)."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> TaskMaskedModule:
+        super().train(mode)
+        self._set_batchnorm_mode(mode)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning may switch submodules back to train mode one by one (restoring the modes it saw before an
+        # evaluation); frozen BatchNorm must not update its statistics, so its mode is set again here.
+        self._set_batchnorm_mode(True)
+
+    def _set_batchnorm_mode(self, mode: bool) -> None:
+        for module in self.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()  # pretrained statistics stay
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor]) -> None:
+        images, labels, tasks = batch
+        if len(tasks) and int(tasks.max()) > self.task_index:
+            raise ValueError(
+                f"task id {int(tasks.max())} is out of range: this model has learned tasks 0..{self.task_index}."
+            )
+        scores = torch.full((len(images), self.head.out_features), torch.finfo(torch.float32).min, device=images.device)
+        for task in tasks.unique().tolist():
+            rows = tasks == task
+            self.activate(task)
+            scores[rows] = self(images[rows]).float()
+        self.activate(self.task_index)
+        self.eval_metrics["cnn"].update(self.restrict_to_tasks(scores, tasks), labels, tasks)
+
+    def architecture(self) -> dict[str, Any]:
+        return {**super().architecture(), "task_heads": [h.out_features for h in self.head.heads]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for size in checkpoint["lightning_cil"]["task_heads"]:
+            self.head.expand(self.head.out_features + size)
+        super().on_load_checkpoint(checkpoint)
+        self.activate(self.task_index)
