@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_cil.data.memory import ExemplarMemory, Selection
 from lightning_cil.data.scenario import TaskInfo
-from lightning_cil.methods.base import IncrementalModule, TaskSchedule
-from lightning_cil.networks import IncrementalLinear
+from lightning_cil.methods.base import TaskSchedule
+from lightning_cil.methods.distillation import DistillationModule, kd_loss
 
 __all__ = ["ICaRL"]
 
 
-class ICaRL(IncrementalModule):
+class ICaRL(DistillationModule):
     """iCaRL: rehearsal with a herding-selected exemplar memory, distillation from the previous model, and
     a nearest-mean-of-exemplars (NME) classifier.
 
@@ -67,19 +66,9 @@ class ICaRL(IncrementalModule):
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be positive.")
         self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
-        self.old_model: nn.Module | None = None
         self.register_buffer("class_means", torch.zeros(0, self.backbone.out_dim))
 
     # ------------------------------------------------------------------ task hooks
-
-    def on_task_start(self, task: TaskInfo) -> None:
-        if task.index > 0:
-            self.old_model = self._frozen_copy()
-        super().on_task_start(task)
-
-    def _frozen_copy(self) -> nn.Module:
-        teacher = nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.head))
-        return teacher.requires_grad_(False).eval()
 
     def on_task_end(self, task: TaskInfo) -> None:
         self.update_memory(self.memory, task)
@@ -102,32 +91,19 @@ class ICaRL(IncrementalModule):
     def exemplar_indices(self) -> Tensor:
         return self.memory.indices()
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.old_model is not None:
-            self.old_model.eval()  # the teacher's BatchNorm statistics stay frozen
-        return self
-
     # ------------------------------------------------------------------ training and scoring
 
     def training_loss(self, logits: Tensor, labels: Tensor, images: Tensor) -> Tensor:
-        num_old = self.old_model[1].out_features if self.old_model is not None else 0
+        num_old = self.num_old_classes
         if self.hparams.loss == "bce":
             targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
             if num_old:
                 with torch.no_grad():
-                    targets[:, :num_old] = torch.sigmoid(self.old_model(images).to(logits.dtype))
+                    targets[:, :num_old] = torch.sigmoid(self.teacher_logits(images).to(logits.dtype))
             return F.binary_cross_entropy_with_logits(logits, targets)
         loss = F.cross_entropy(logits, labels)
         if num_old:
-            with torch.no_grad():
-                old_logits = self.old_model(images)
-            t = self.hparams.temperature
-            loss = loss + F.kl_div(
-                F.log_softmax(logits[:, :num_old] / t, dim=1),
-                F.softmax(old_logits.float() / t, dim=1),
-                reduction="batchmean",
-            ) * (t * t)
+            loss = loss + kd_loss(logits[:, :num_old], self.teacher_logits(images), self.hparams.temperature)
         return loss
 
     def evaluation_scores(self, images: Tensor) -> dict[str, Tensor]:
@@ -143,7 +119,6 @@ class ICaRL(IncrementalModule):
     def architecture(self) -> dict[str, Any]:
         return {
             **super().architecture(),
-            "teacher_classes": 0 if self.old_model is None else self.old_model[1].out_features,
             "class_means": list(self.class_means.shape),
             "memory": self.memory.state_dict(),
         }
@@ -151,8 +126,5 @@ class ICaRL(IncrementalModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         arch = checkpoint["lightning_cil"]
-        if arch["teacher_classes"]:
-            head = IncrementalLinear(self.backbone.out_dim, arch["teacher_classes"])
-            self.old_model = nn.Sequential(copy.deepcopy(self.backbone), head).requires_grad_(False).eval()
         self.class_means = torch.zeros(*arch["class_means"])
         self.memory.load_state_dict(arch["memory"])
