@@ -281,13 +281,18 @@ class TaskStreamDataModule(L.LightningDataModule):
             )
         return self.current_task
 
-    def train_dataset(self, extra_indices: Tensor | None = None, all_seen: bool = False) -> TaskDataset:
-        """The current task's training samples, plus ``extra_indices`` (exemplars) of the train split."""
+    def train_dataset(
+        self, extra_indices: Tensor | None = None, all_seen: bool = False, exclude: Tensor | None = None
+    ) -> TaskDataset:
+        """The current task's training samples, plus ``extra_indices`` (exemplars) of the train split, minus
+        ``exclude`` (samples a method holds out, e.g. BiC's bias-correction split)."""
         task = self._require_task()
         mask = self._train_tasks <= task if all_seen else self._train_tasks == task
         indices = torch.nonzero(mask).flatten()
         if extra_indices is not None and len(extra_indices):
             indices = torch.unique(torch.cat([indices, extra_indices.to(torch.long).cpu()]))
+        if exclude is not None and len(exclude):
+            indices = indices[~torch.isin(indices, exclude.to(torch.long).cpu())]
         return TaskDataset(self.splits.train, indices, self._train_labels, self._train_tasks, self.train_transform)
 
     def test_dataset(self, up_to_task: int | None = None) -> TaskDataset:
@@ -335,7 +340,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         extra = module.exemplar_indices() if module is not None and hasattr(module, "exemplar_indices") else None
         all_seen = bool(getattr(module, "trains_on_all_seen_tasks", False))
-        dataset = self.train_dataset(extra, all_seen=all_seen)
+        held_out = module.held_out_indices() if module is not None and hasattr(module, "held_out_indices") else None
+        dataset = self.train_dataset(extra, all_seen=all_seen, exclude=held_out)
         world, rank = self._world()
         # A seeded distributed sampler even on one process: order and augmentations of epoch e are a
         # function of (seed, e), so a resumed run draws the same batches as an uninterrupted one.

@@ -1,11 +1,28 @@
 """CIL methods: one LightningModule subclass per file, all on the IncrementalModule contract."""
 
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.methods.bic import BiC
 from lightning_cil.methods.der import DER
+from lightning_cil.methods.ewc import EWC
 from lightning_cil.methods.finetune import Finetune
 from lightning_cil.methods.icarl import ICaRL
 from lightning_cil.methods.joint import Joint
+from lightning_cil.methods.lwf import LwF
 from lightning_cil.methods.packnet import PackNet
 from lightning_cil.methods.piggyback import Piggyback
+from lightning_cil.methods.wa import WA
 
-__all__ = ["DER", "Finetune", "ICaRL", "IncrementalModule", "Joint", "PackNet", "Piggyback", "TaskSchedule"]
+__all__ = [
+    "BiC",
+    "DER",
+    "EWC",
+    "Finetune",
+    "ICaRL",
+    "IncrementalModule",
+    "Joint",
+    "LwF",
+    "PackNet",
+    "Piggyback",
+    "TaskSchedule",
+    "WA",
+]
