@@ -90,8 +90,10 @@ SPLIT_CIFAR10_OVERRIDES = (
 
 @pytest.fixture(scope="session")
 def split_cifar10(cifar10_root, tmp_path_factory):
-    """``run(method)`` -> metrics.json of configs/<method>_cifar10.yaml, shrunk; each method runs once per session."""
+    """``run(method)`` -> metrics.json of configs/<method>_cifar10.yaml, shrunk; each method runs once per session.
+    ``run.run_dir(method)`` is that run's log folder (config.yaml, checkpoints/)."""
     cache: dict[str, dict] = {}
+    run_dirs: dict[str, Path] = {}
 
     def run(method: str) -> dict:
         if method not in cache:
@@ -111,6 +113,12 @@ def split_cifar10(cifar10_root, tmp_path_factory):
             assert out.returncode == 0, out.stderr[-3000:]
             (metrics,) = out_dir.glob(f"{method}_cifar10/version_*/metrics.json")
             cache[method] = json.loads(metrics.read_text())
+            run_dirs[method] = metrics.parent
         return cache[method]
 
+    def run_dir(method: str) -> Path:
+        run(method)
+        return run_dirs[method]
+
+    run.run_dir = run_dir
     return run
