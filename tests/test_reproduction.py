@@ -13,18 +13,21 @@ import pytest
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "split_cifar10.json").read_text())
 
-#: Tolerance in accuracy points. The runs are seeded and deterministic: on one machine with the same libraries
-#: they repeat exactly (Finetune gave 30.55 in every run so far). Another CPU or library version changes the
-#: rounding and the run drifts like a change of seed; over seeds 0, 1, 2 the average incremental accuracy
-#: moved by a standard deviation of 1.6 (Finetune 30.55 / 29.41 / 32.60, LwF 35.18 / 34.54 / 32.17; see
-#: benchmarks/README.md). 3 points (about 2 sd) still catch LwF falling back to Finetune (-4.6) and any break
-#: of iCaRL, WA, BiC, DER or Joint (10 to 25 points above Finetune). EWC's average is within noise of Finetune's at
-#: this budget: its own effect is tested on the first task (tests/methods/test_families.py).
-TOLERANCE = 3.0
+#: Tolerance in accuracy points, per method (tests/reference/split_cifar10.json). The runs are seeded and
+#: deterministic: on one machine with the same libraries they repeat exactly (Finetune gave 30.55 in every run so
+#: far). Another CPU or library version changes the rounding and the run drifts like a change of seed. Over seeds
+#: 0, 1, 2 the average incremental accuracy had a standard deviation of 1.6 for Finetune (30.55 / 29.41 / 32.60)
+#: and LwF (35.18 / 34.54 / 32.17), and 3.3 for iCaRL (54.68 / 51.25 / 48.08); see benchmarks/README.md. The
+#: tolerance is about 2 sd: 3 points by default, 6.5 for the rehearsal methods (iCaRL's spread, assumed for WA,
+#: BiC and DER, which were not measured). That still catches LwF falling back to Finetune (-4.6) and a rehearsal
+#: method losing its memory or correction (11 to 24 points above Finetune). EWC's average is within noise of
+#: Finetune's at this budget: its own effect is tested on the first task (tests/methods/test_families.py).
+TOLERANCE = REFERENCE["tolerance"]
 
 
 @pytest.mark.parametrize("method", sorted(REFERENCE["avg_incremental_accuracy"]))
 def test_method_reaches_its_reference_accuracy(split_cifar10, method):
     expected = REFERENCE["avg_incremental_accuracy"][method]
+    tolerance = TOLERANCE.get(method, TOLERANCE["default"])
     got = split_cifar10(method)["summary"]["avg_incremental_accuracy"]
-    assert abs(got - expected) <= TOLERANCE, f"{method}: {got:.2f} vs reference {expected:.2f} ± {TOLERANCE}"
+    assert abs(got - expected) <= tolerance, f"{method}: {got:.2f} vs reference {expected:.2f} ± {tolerance}"
