@@ -120,6 +120,7 @@ def test_two_process_ddp_stream_completes_and_matches_a_single_process_evaluatio
     assert tasks == 5 and accuracy == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
 
 
+@pytest.mark.slow  # ~2 min: run with `pytest -m slow` (the default suite keeps the 2-process Finetune stream)
 @pytest.mark.parametrize("method", ["ICaRL", "DER"])
 def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch, method):
     """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars.
@@ -153,6 +154,7 @@ def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tm
     assert metrics["primary_scorer"] == ("nme" if method == "ICaRL" else "cnn") and len(metrics["tasks"]) == 5
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_stream(tmp_path):
     out = cli(
         "fit",

@@ -70,7 +70,9 @@ def test_stream_writes_matrix_checkpoints_and_metrics(tmp_path):
     )
 
 
-@pytest.mark.parametrize("method", [_model, _pruned_der], ids=["Finetune", "DER-pruned"])
+@pytest.mark.parametrize(
+    "method", [_model, pytest.param(_pruned_der, marks=pytest.mark.slow)], ids=["Finetune", "DER-pruned"]
+)
 @pytest.mark.parametrize(("crash_at", "where"), [(4, "mid-task"), (6, "task boundary")])
 def test_resumed_stream_ends_like_an_uninterrupted_one(tmp_path, crash_at, where, method):
     # 3 tasks x 3 epochs: epoch 4 is inside task 1; epoch 6 is the first epoch of task 2, so the newest
