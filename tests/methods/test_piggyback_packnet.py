@@ -11,6 +11,9 @@ from conftest import make_trainer
 from lightning_cil import Finetune, PackNet, Piggyback, TaskSchedule, TaskStreamDataModule, run_stream
 from lightning_cil.networks.weight_masks import masked_layers
 
+# About 2 minutes on 2 cores (a backbone trained on photo, then three streams): run with `pytest -m slow`.
+pytestmark = pytest.mark.slow
+
 DOMAINS = ["art_painting", "cartoon", "sketch"]
 
 
