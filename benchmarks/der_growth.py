@@ -139,7 +139,7 @@ def main() -> None:
             )
         print(f"| {name} | summary | | | wall {rows[0]['wall_seconds']:.0f} s | {rows[0]['summary']} |")
     result = {
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("root", "out", "work_dir")},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

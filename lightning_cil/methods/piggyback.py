@@ -10,7 +10,14 @@ from torch import nn
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.masking import TaskMaskedModule
-from lightning_cil.networks.weight_masks import PiggybackMask, attach, mask_bytes, pack_bits, unpack_bits
+from lightning_cil.networks.weight_masks import (
+    PiggybackMask,
+    attach,
+    mask_bytes,
+    masked_layers,
+    pack_bits,
+    unpack_bits,
+)
 
 __all__ = ["Piggyback"]
 
@@ -151,6 +158,4 @@ class Piggyback(TaskMaskedModule):
 
     @property
     def _mask_paths(self) -> list[str]:
-        from lightning_cil.networks.weight_masks import masked_layers
-
         return [f"backbone.{name}" for name, _ in masked_layers(self.backbone)]

@@ -7,6 +7,7 @@ the layers keep their code and the effective weight is computed from the frozen 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +95,7 @@ class PackNetWeight(nn.Module):
         return out
 
 
-def attach(backbone: nn.Module, make: type[nn.Module] | callable) -> list[nn.Module]:
+def attach(backbone: nn.Module, make: Callable[[Tensor], nn.Module]) -> list[nn.Module]:
     """Parametrize every masked layer's weight with ``make(weight)``; returns the parametrizations in order."""
     attached = []
     for _, layer in masked_layers(backbone):

@@ -31,11 +31,8 @@ CASES = [(cls, REQUIRED.get(cls, {})) for cls in METHODS] + [
 ]
 
 
-@pytest.mark.parametrize(("cls", "options"), CASES, ids=lambda c: c.__name__ if isinstance(c, type) else str(c))
-def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_path):
-    L.seed_everything(0)
-    scenario = "task" if issubclass(cls, TaskMaskedModule) else "class"  # these need the task id at test time
-    dm = TaskStreamDataModule(
+def _digits(scenario: str) -> TaskStreamDataModule:
+    return TaskStreamDataModule(
         dataset="digits",
         scenario=scenario,
         initial_classes=4,
@@ -44,29 +41,25 @@ def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_p
         batch_size=64,
         num_workers=0,
     )
+
+
+@pytest.mark.parametrize(("cls", "options"), CASES, ids=lambda c: c.__name__ if isinstance(c, type) else str(c))
+def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_path):
+    L.seed_everything(0)
+    scenario = "task" if issubclass(cls, TaskMaskedModule) else "class"  # these need the task id at test time
+    dm = _digits(scenario)
     kwargs = {"memory_budget": 60} if "memory_budget" in inspect.signature(cls).parameters else {}
     kwargs.update(options)
     epochs = 2 if cls is methods.PackNet else 1  # PackNet prunes before its retraining epochs
-    model = cls(
-        backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=epochs, lr=0.02, milestones=[]), **kwargs
-    )
+    schedule = TaskSchedule(epochs=epochs, lr=0.02, milestones=[])
+    model = cls(backbone="resnet20", in_channels=1, schedule=schedule, **kwargs)
     trainer = make_trainer(tmp_path)
     run_stream(trainer, model, dm)
     assert model.head.out_features == 10 and model.task_index == 2
     recorded = {name: counts["correct"] for name, counts in model.last_evaluation.items()}
 
-    fresh = cls(
-        backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=epochs, lr=0.02, milestones=[]), **kwargs
-    )
-    fresh_dm = TaskStreamDataModule(
-        dataset="digits",
-        scenario=scenario,
-        initial_classes=4,
-        increment=3,
-        class_order_seed=None,
-        batch_size=64,
-        num_workers=0,
-    )
+    fresh = cls(backbone="resnet20", in_channels=1, schedule=schedule, **kwargs)
+    fresh_dm = _digits(scenario)
     ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     make_trainer(tmp_path / "eval").test(fresh, datamodule=fresh_dm, ckpt_path=str(ckpt), verbose=False)
     assert {name: counts["correct"] for name, counts in fresh.last_evaluation.items()} == recorded
