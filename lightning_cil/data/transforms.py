@@ -33,7 +33,7 @@ def _imagenet():
 
 
 def _small_images(size: int):
-    """Small natural images (e.g. PACS at 64px): mild crop-and-resize and flip."""
+    """Small natural images (e.g. PACS at 64px, or downscaled to 32px): mild crop-and-resize and flip."""
     train = v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
@@ -56,6 +56,7 @@ TRANSFORM_PRESETS: dict[str, Callable[[], tuple[v2.Transform, v2.Transform]]] = 
     "cifar100_der": lambda: _cifar(CIFAR100_STATS, color_jitter=True),
     "imagenet": _imagenet,
     "small64": lambda: _small_images(64),
+    "small32": lambda: _small_images(32),  # the same, downscaled for CIFAR-sized backbones and CPU budgets
     "digits": _digits,
     "none": lambda: (v2.Compose(_finish(IMAGENET_STATS)), v2.Compose(_finish(IMAGENET_STATS))),
 }

@@ -97,4 +97,16 @@ class TaskMaskedModule(IncrementalModule):
         for size in checkpoint["lightning_cil"]["task_heads"]:
             self.head.expand(self.head.out_features + size)
         super().on_load_checkpoint(checkpoint)
+        self._check_backbone_shapes(checkpoint["state_dict"])
         self.activate(self.task_index)
+
+    def _check_backbone_shapes(self, state: dict[str, Tensor]) -> None:
+        """Masks and owner maps must fit this backbone weight for weight; refuse those made for another one."""
+        mine = self.state_dict()
+        for key, value in state.items():
+            if key.startswith("backbone.") and key in mine and not key.endswith(".scores"):
+                if value.shape != mine[key].shape:
+                    raise ValueError(
+                        f"the checkpoint's {key} has shape {tuple(value.shape)} but this backbone's has "
+                        f"{tuple(mine[key].shape)}: its masks were made for another architecture."
+                    )

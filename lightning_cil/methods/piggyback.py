@@ -44,6 +44,10 @@ class Piggyback(TaskMaskedModule):
         task_batchnorm: train BatchNorm parameters and statistics per task (the paper's ablation).
         mask_init: initial score of every weight.
         mask_threshold: scores above it keep their weight.
+        mask_lr: learning rate of the scores (null: the schedule's lr, which the head and BatchNorm use). The
+            official code has one rate for each (both 1e-4 for 30 epochs). On short runs the head needs a larger
+            rate than the scores: with Adam every score moves by about the learning rate per step, so a large rate
+            flips many weights on gradient noise alone.
     """
 
     def __init__(
@@ -57,8 +61,11 @@ class Piggyback(TaskMaskedModule):
         task_batchnorm: bool = False,
         mask_init: float = 1e-2,
         mask_threshold: float = 5e-3,
+        mask_lr: float | None = None,
     ) -> None:
         super().__init__(backbone, in_channels, schedule, first_task, pretrained)
+        if mask_lr is not None and mask_lr <= 0:
+            raise ValueError(f"mask_lr={mask_lr} must be positive (or null: the schedule's lr).")
         self.masks = attach(self.backbone, lambda w: PiggybackMask(w.shape, mask_init, mask_threshold))
         self.register_buffer("task_masks", torch.zeros(0, mask_bytes(self.masks), dtype=torch.uint8))
         self.batchnorms = _batchnorms(self.backbone)
@@ -137,9 +144,17 @@ class Piggyback(TaskMaskedModule):
         self.active_task = task
         self._set_batchnorm_mode(self.training)
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        scores = [m.scores for m in self.masks if m.scores.requires_grad]
+        ids = {id(p) for p in scores}
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        lr = self.hparams.mask_lr
+        return [{"params": others}] + ([{"params": scores} | ({"lr": lr} if lr is not None else {})] if scores else [])
+
     # ------------------------------------------------------------------ checkpoints
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint_identity(checkpoint)  # another backbone: say so, not just that the masks differ
         state = checkpoint["state_dict"]
         expected = self.task_masks.shape[1]
         if state["task_masks"].shape[1:] != (expected,):
