@@ -2,6 +2,7 @@
 
 lightning-cil fit --config configs/quickstart.yaml
 lightning-cil fit --config configs/finetune_cifar10.yaml --model.init_args.schedule.epochs 2
+lightning-cil fit --config configs/quickstart.yaml --ckpt_path last   # resume the run's newest last.ckpt, if any
 lightning-cil test --config configs/quickstart.yaml --ckpt_path <run>/checkpoints/last.ckpt
 lightning-cil report <run> [<run> ...] --out <folder>
 """
@@ -64,7 +65,11 @@ class LightningCILCLI(LightningCLI):
             )
 
     def fit(self, model: IncrementalModule, datamodule: TaskStreamDataModule, ckpt_path: str | None = None, **_: Any):
-        """Train every task of the stream (``trainer.fit`` once per task), evaluating after each."""
+        """Train every task of the stream (``trainer.fit`` once per task), evaluating after each.
+
+        ``ckpt_path`` resumes from a checkpoint of the stream; ``"last"`` from the newest ``last.ckpt`` of this run,
+        or from the start if there is none (for jobs that a launcher restarts with the same command line).
+        """
         return run_stream(self.trainer, model, datamodule, ckpt_path)
 
     def after_validate(self) -> None:

@@ -8,7 +8,9 @@ whatever the method grew or froze in ``on_task_start``.
 Resume: every checkpoint records how far the stream got (this callback's state) and what the model
 looks like (the module's ``lightning_cil`` entry). Restarting with ``ckpt_path`` replays the fit of
 the checkpoint's task through Lightning's own restore (weights, optimizer, loop counters), then goes
-on; a checkpoint taken after a task's end skips straight to the next task.
+on; a checkpoint taken after a task's end skips straight to the next task. ``ckpt_path="last"`` resumes from
+the newest ``last.ckpt`` this run wrote, or starts afresh if there is none, so a job that a launcher restarts with
+the same command line (torchrun ``--max-restarts``, a requeued SLURM job) goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
@@ -31,9 +34,11 @@ from lightning_cil.data.datamodule import TaskStreamDataModule, _base_seed
 from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule
 from lightning_cil.metrics import AccuracyMatrix
 
-__all__ = ["StreamCallback", "TaskStream", "run_stream"]
+__all__ = ["LAST", "StreamCallback", "TaskStream", "last_checkpoint", "run_stream"]
 
 METRICS_FILE = "metrics.json"
+#: the ``ckpt_path`` that resumes from the newest ``last.ckpt`` of the run (see :func:`last_checkpoint`)
+LAST = "last"
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,9 @@ class TaskStream(Callback):
         if self not in trainer.callbacks:
             trainer.callbacks.append(self)
         self._keep_last_checkpoint(trainer)
+        if ckpt_path is not None and str(ckpt_path) == LAST:
+            ckpt_path = last_checkpoint(trainer)
+            _print(f"ckpt_path={LAST!r}: " + (f"found {ckpt_path}" if ckpt_path else "no checkpoint of this run yet"))
         stream = datamodule.describe()
         resume = self._resume_point(ckpt_path, stream, model) if ckpt_path else None
         if resume is None:
@@ -172,6 +180,8 @@ class TaskStream(Callback):
                 _reseed(_base_seed(), 1, task)
                 model.on_task_start(info)
             trainer.fit_loop.max_epochs = int(cumulative[task])
+            if not restoring:
+                _refuse_implicit_checkpoints(trainer)
             started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if restoring else None)
             if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.interrupted:
@@ -203,7 +213,10 @@ class TaskStream(Callback):
     def _resume_point(self, ckpt_path: str | Path, stream: dict[str, Any], model: IncrementalModule) -> _ResumePoint:
         path = Path(ckpt_path)
         if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist.")
+            raise FileNotFoundError(
+                f"ckpt_path={str(ckpt_path)!r} does not exist; give a checkpoint file of this stream, or {LAST!r} to "
+                f"resume from the newest last.ckpt of this run (or start afresh if there is none)."
+            )
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         arch = checkpoint.get(CHECKPOINT_KEY)
@@ -290,6 +303,57 @@ class TaskStream(Callback):
 def _run_dir(trainer: Trainer) -> Path:
     """The run's folder. ``trainer.log_dir`` broadcasts under DDP: call this on every rank."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def last_checkpoint(trainer: Trainer) -> Path | None:
+    """The newest ``last*.ckpt`` this run has written, or None: what ``ckpt_path="last"`` resumes from.
+
+    It looks where this trainer's checkpoints go: the ModelCheckpoint's ``dirpath`` if set; else the logger's
+    ``<save_dir>/<name>/<version>/checkpoints``, in *every* version folder when the logger numbers a new version at
+    each launch (CSVLogger's and TensorBoardLogger's default, so a restarted job writes into a new folder); without a
+    logger, ``<default_root_dir>/checkpoints``. Give the logger a fixed ``version`` to keep runs that share a logger
+    name apart. Lightning's own ``ckpt_path="last"`` looks in the new version folder only, and would be applied to
+    every task's fit: the stream resolves it once and restores only the fit of the checkpoint's task.
+    """
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    if dirpath:
+        folders = [Path(dirpath)]
+    elif trainer.loggers:
+        logger = trainer.loggers[0]
+        root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
+        version = getattr(logger, "_version", None)  # None until the first fit when the logger numbers versions
+        if version is None:
+            folders = [folder / "checkpoints" for folder in root.iterdir()] if root.is_dir() else []
+        else:
+            folders = [root / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"]
+    else:
+        folders = [Path(trainer.default_root_dir) / "checkpoints"]
+    found = [path for folder in folders if folder.is_dir() for path in folder.glob("last*.ckpt") if path.is_file()]
+    return max(found, key=lambda path: (path.stat().st_mtime_ns, str(path)), default=None)
+
+
+def _refuse_implicit_checkpoints(trainer: Trainer) -> None:
+    """Refuse what makes Lightning load a checkpoint into a fit started without ``ckpt_path``: here every task's fit.
+
+    With an ``OnExceptionCheckpoint`` callback, Lightning resumes such a fit from the newest last checkpoint; on
+    SLURM, from the newest ``hpc_ckpt_<n>.ckpt`` of ``default_root_dir`` (its auto-requeue saves them).
+    """
+    if any(isinstance(callback, OnExceptionCheckpoint) for callback in trainer.callbacks):
+        raise ValueError(
+            "OnExceptionCheckpoint makes Lightning resume every fit from the newest last checkpoint, which would "
+            "restart each task of the stream from the previous one: remove it; the stream checkpoints every epoch "
+            f"and task end (last.ckpt), and --ckpt_path {LAST} resumes from the newest."
+        )
+    if not SLURMEnvironment.detect():
+        return
+    found = sorted(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    if found:
+        raise ValueError(
+            f"{found[-1]} is a checkpoint of Lightning's SLURM auto-requeue, which Lightning would load into every "
+            f"task's fit of this stream. Move the hpc_ckpt_*.ckpt files out of trainer.default_root_dir, resume with "
+            f"--ckpt_path {LAST}, and turn the auto-requeue off (trainer.plugins: SLURMEnvironment with "
+            f"auto_requeue: false, as in docker/slurm_der_imagenet100.sbatch)."
+        )
 
 
 def _short(value: Any) -> str:

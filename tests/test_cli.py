@@ -99,6 +99,7 @@ def test_fit_runs_the_whole_stream_and_test_reproduces_it_from_the_checkpoint(tm
             ["--data.dataset", "cifar10", "--data.root", "no/such/dir"],
             r"dataset path 'no/such/dir' does not exist; expected layout: no/such/dir/train/<class>/<image>",
         ),
+        (["--ckpt_path", "best"], r"ckpt_path='best' does not exist; give a checkpoint file of this stream, or 'last'"),
     ],
 )
 def test_bad_configuration_is_one_clear_line(tmp_path, override, message):
