@@ -31,21 +31,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class CostMeter(L.Callback):
-    """Per fit (one task): images/s over the training batches after ``warmup``, and peak memory."""
+    """Per fit (one task): images/s of the training steps after ``warmup`` batches (loading excluded), images/s
+    of the whole fit (loading and Lightning included), and peak memory. Used by ``methods.py`` too."""
 
-    def __init__(self, out: str, warmup: int = 2) -> None:
-        self.out, self.warmup = Path(out), warmup
+    def __init__(self, out: str | None = None, warmup: int = 2) -> None:
+        self.out, self.warmup = (Path(out) if out else None), warmup
         self.rows: list[dict] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.images, self.seconds, self.batch_start = 0, 0.0, None
+        self.images, self.seconds, self.batch_start, self.all_images = 0, 0.0, None, 0
+        self.fit_start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.batch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.all_images += len(batch[1])
         if batch_idx >= self.warmup:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -57,15 +62,20 @@ class CostMeter(L.Callback):
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        fit_seconds = time.perf_counter() - self.fit_start
+        extractors = getattr(pl_module.backbone, "extractors", None)
         self.rows.append(
             {
                 "task": pl_module.task_index,
-                "extractors": len(pl_module.backbone.extractors),
+                "extractors": len(extractors) if extractors is not None else 1,
                 "images_per_second": self.images / self.seconds if self.seconds else None,
+                "fit_seconds": fit_seconds,
+                "fit_images_per_second": self.all_images / fit_seconds,
                 "peak_memory_mib": peak,
             }
         )
-        self.out.write_text(json.dumps(self.rows))
+        if self.out is not None:
+            self.out.write_text(json.dumps(self.rows))
 
 
 def run(args, prune: bool, root: Path) -> list[dict]:

@@ -1,11 +1,19 @@
-"""Data-loader and training throughput of the core stream on CIFAR-shaped data.
+"""Data-loader and training throughput of the core stream on CIFAR-shaped data, or on ImageNet-shaped random data.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/throughput.py --root <cifar10>   # ImageFolder tree or pickles
+    python benchmarks/throughput.py --synthetic 4096 --accelerator gpu --precision bf16-mixed --channels-last \
+        --batch-size 256 --batches 50 --out benchmarks/results/throughput_imagenet_gpu.json   # any device
 
-Prints a table and writes benchmarks/results/throughput.json. The loader number is what the
+Prints a table and writes benchmarks/results/throughput.json (or ``--out``). The loader number is what the
 TaskStreamDataModule serves (uint8 tensor in memory + the CIFAR augmentation preset, collated
 batches); the training numbers are ``trainer.fit`` of the second task on those batches (first batches
 excluded) for Finetune and for iCaRL, whose step also runs the frozen previous model.
+
+``--synthetic N`` replaces CIFAR by N random ``uint8`` images of ``--image-size`` (224) in memory, ResNet-18
+(ImageNet stem) and 1,000 classes: the shape of an ImageNet run, without its files or JPEG decoding. Batches are
+normalised on the training device (as with ``data.gpu_augmentation``); there is no crop-resize, so this measures
+the model, precision and memory-format side, not an ImageNet input pipeline. ``--channels-last`` and
+``--compile`` add the ``ChannelsLast`` and ``CompileBackbone`` callbacks.
 """
 
 from __future__ import annotations
@@ -19,26 +27,37 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from lightning_cil import Finetune, ICaRL, TaskSchedule, TaskStreamDataModule
+from lightning_cil import Finetune, ICaRL, TaskInfo, TaskSchedule, TaskStreamDataModule
+from lightning_cil.callbacks import ChannelsLast, CompileBackbone
+from lightning_cil.data.batch_augmentation import build_batch_augmentation
 
 
 class _Throughput(L.Callback):
-    """Images per second over the training batches after ``warmup``."""
+    """Images per second over the training batches after ``warmup`` (GPU work waited for)."""
 
     def __init__(self, warmup: int = 3) -> None:
-        self.warmup, self.images, self.start = warmup, 0, None
+        self.warmup, self.images, self.start, self.end = warmup, 0, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
+            _synchronize()
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx >= self.warmup:
+            _synchronize()
             self.images += len(batch[1])
+            self.end = time.perf_counter()
 
     def images_per_second(self) -> float:
-        return self.images / (time.perf_counter() - self.start)
+        return self.images / (self.end - self.start)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _datamodule(args, num_workers: int) -> TaskStreamDataModule:
@@ -55,6 +74,42 @@ def _datamodule(args, num_workers: int) -> TaskStreamDataModule:
     return dm
 
 
+class _SyntheticImages(L.LightningDataModule):
+    """``n`` random uint8 images in memory with labels of the second task; normalised on the device."""
+
+    def __init__(self, n: int, size: int, classes: int, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+        self.labels = torch.randint(0, classes, (n,), generator=generator)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.normalize = build_batch_augmentation("none").normalize  # ImageNet statistics
+
+    def train_dataloader(self) -> DataLoader:
+        # whole batches by one gather (a batch sampler indexing the tensors), not image by image plus a collate
+        dataset = TensorDataset(self.images, self.labels, torch.ones_like(self.labels))
+        batches = BatchSampler(RandomSampler(dataset), self.batch_size, drop_last=True)
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        workers = self.num_workers
+        return DataLoader(
+            dataset, sampler=batches, batch_size=None, num_workers=workers, pin_memory=on_gpu,
+            persistent_workers=workers > 0,
+        )  # fmt: skip
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels, tasks = batch
+        return self.normalize(images), labels, tasks
+
+
+def _two_tasks(classes: int) -> list[TaskInfo]:
+    """A first task with half the classes and a second with the rest (the second is measured)."""
+    half = classes // 2
+    return [
+        TaskInfo(0, 2, tuple(range(half)), half, classes, label_task=(0,) * half),
+        TaskInfo(1, 2, tuple(range(half, classes)), classes, classes, label_task=(0,) * half + (1,) * (classes - half)),
+    ]
+
+
 def loader_throughput(args, num_workers: int) -> float:
     dm = _datamodule(args, num_workers)
     loader = dm._loader(dm.train_dataset(), args.batch_size, torch.utils.data.RandomSampler(dm.train_dataset()))
@@ -69,12 +124,22 @@ def loader_throughput(args, num_workers: int) -> float:
 
 def training_throughput(args, backbone: str, method: type = Finetune) -> float:
     """Images/s of the training step in the second task (iCaRL then also runs its frozen teacher)."""
-    dm = _datamodule(args, args.train_workers)
+    if args.synthetic:
+        dm = _SyntheticImages(args.synthetic, args.image_size, args.classes, args.batch_size, args.train_workers)
+        tasks = _two_tasks(args.classes)
+    else:
+        dm = _datamodule(args, args.train_workers)
+        tasks = [dm.task_info(0), dm.task_info(1)]
+        dm.set_task(1)
     model = method(backbone=backbone, schedule=TaskSchedule(epochs=1, lr=0.1))
-    model.on_task_start(dm.task_info(0))
-    model.on_task_start(dm.task_info(1))
-    dm.set_task(1)
+    for task in tasks:
+        model.on_task_start(task)
     meter = _Throughput()
+    callbacks = [meter]
+    if args.channels_last:
+        callbacks.append(ChannelsLast())
+    if args.compile:
+        callbacks.append(CompileBackbone())
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -84,7 +149,7 @@ def training_throughput(args, backbone: str, method: type = Finetune) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[meter],
+        callbacks=callbacks,
         precision=args.precision,
     )
     trainer.fit(model, datamodule=dm)
@@ -93,24 +158,43 @@ def training_throughput(args, backbone: str, method: type = Finetune) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="CIFAR-10 folder (train/<class>, test/<class>, or pickles)")
+    parser.add_argument("--root", help="CIFAR-10 folder (train/<class>, test/<class>, or pickles)")
+    parser.add_argument("--synthetic", type=int, help="N random ImageNet-shaped uint8 images instead of CIFAR")
+    parser.add_argument("--image-size", type=int, default=224, help="with --synthetic")
+    parser.add_argument("--classes", type=int, default=1000, help="with --synthetic")
+    parser.add_argument("--channels-last", action="store_true", help="the ChannelsLast callback")
+    parser.add_argument("--compile", action="store_true", help="the CompileBackbone callback")
     parser.add_argument("--per-class", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=20, help="training batches per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--train-workers", type=int, default=0)
-    parser.add_argument("--backbones", nargs="+", default=["resnet32", "resnet18_cifar"])
+    parser.add_argument("--backbones", nargs="+", help="default: resnet32 resnet18_cifar (CIFAR), resnet18 (synthetic)")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"))
     args = parser.parse_args()
+    if (args.root is None) == (args.synthetic is None):
+        parser.error("give either --root (CIFAR-10) or --synthetic N (random ImageNet-shaped images)")
+    args.backbones = args.backbones or (["resnet18"] if args.synthetic else ["resnet32", "resnet18_cifar"])
+    if args.synthetic:
+        args.workers = []  # random tensors in memory: no loader measurement
+        size = args.image_size
+        data = f"synthetic: {args.synthetic} random uint8 images 3x{size}x{size}, {args.classes} classes"
+    else:
+        data = f"CIFAR-10, {args.per_class} images per class, in-memory uint8"
 
     setting = {
         "torch_threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "cpu_count": os.cpu_count(),
         "batch_size": args.batch_size,
-        "data": f"CIFAR-10, {args.per_class} images per class, in-memory uint8",
+        "data": data,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "train_workers": args.train_workers,
+        "batches": args.batches,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "accelerator": args.accelerator,
         "precision": args.precision,
         "torch": torch.__version__,

@@ -7,9 +7,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_cil.data.batch_augmentation import BatchAugmentation, build_batch_augmentation
 from lightning_cil.data.datasets import (
     DatasetOptions,
     DatasetSplits,
@@ -18,7 +20,7 @@ from lightning_cil.data.datasets import (
     default_in_memory,
     load_dataset,
 )
-from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler
+from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler, augmentation_seed
 from lightning_cil.data.scenario import (
     DEFAULT_CLASS_ORDER_SEED,
     Scenario,
@@ -78,9 +80,16 @@ class TaskStreamDataModule(L.LightningDataModule):
         batch_size: training batch size per process.
         eval_batch_size: evaluation batch size per process (default: batch_size).
         num_workers: loader worker processes.
-        pin_memory: default: on when training on a GPU.
-        persistent_workers: keep workers between epochs (faster; resume is then not bit-exact).
+        pin_memory: page-locked batches for faster copies to the GPU; default: on when the accelerator is a GPU.
+        persistent_workers: keep loader workers between epochs (no restart cost per epoch); default: on when the
+            accelerator is a GPU and num_workers > 0. The bit-identical resume that the tests check is the CPU
+            default (off).
         in_memory: decode every image once into memory; default on for small datasets.
+        gpu_augmentation: the training loader yields ``uint8`` batches, and crop, flip, brightness and
+            normalisation run batch-wise on the training device after the transfer (``on_after_batch_transfer``),
+            with an independent draw per sample. Needs in-memory images and a preset of
+            ``batch_augmentation.BATCH_PRESETS`` (the CIFAR and digits presets, ``none``). Draws come from one
+            generator per (seed, epoch, rank), so a run with it is reproducible but not identical to one without.
         max_train_per_class: keep at most this many training images per class (seeded); for quick runs.
         max_test_per_class: the same for test images.
         subset_seed: seed of those subsets.
@@ -107,7 +116,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         pin_memory: bool | None = None,
-        persistent_workers: bool = False,
+        persistent_workers: bool | None = None,
         in_memory: bool | None = None,
         max_train_per_class: int | None = None,
         max_test_per_class: int | None = None,
@@ -116,6 +125,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         split_seed: int = 0,
         download: bool = False,
         val_during_fit: bool = False,
+        gpu_augmentation: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -134,7 +144,19 @@ class TaskStreamDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers={num_workers} must be >= 0.")
         #: image channels, known before any file is read (the CLI hands it to the model)
         self.num_channels = dataset_channels(dataset)
-        self.train_transform, self.test_transform = build_transforms(augmentation or DEFAULT_PRESET[dataset])
+        preset = augmentation or DEFAULT_PRESET[dataset]
+        self.train_transform, self.test_transform = build_transforms(preset)
+        #: the batch-wise training augmentation run on the device (``gpu_augmentation``), else None
+        self.batch_augmentation: BatchAugmentation | None = None
+        if gpu_augmentation:
+            if not (default_in_memory(dataset) if in_memory is None else in_memory):
+                raise ValueError(
+                    f"data.gpu_augmentation needs the images in memory as one uint8 tensor; dataset={dataset!r} "
+                    f"with in_memory={in_memory} reads files. Set in_memory: true (images of one size) or "
+                    f"gpu_augmentation: false."
+                )
+            self.batch_augmentation = build_batch_augmentation(preset)
+        self._augmentation_generator: tuple[tuple[str, int], torch.Generator] | None = None
         self.current_task = -1
         self._splits: DatasetSplits | None = None
         self._task_classes: list[list[int]] = []
@@ -319,16 +341,16 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler) -> DataLoader:
         workers = self.hparams.num_workers
-        pin = self.hparams.pin_memory
-        if pin is None:
-            pin = bool(self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        pin = on_gpu if self.hparams.pin_memory is None else self.hparams.pin_memory
+        persistent = on_gpu if self.hparams.persistent_workers is None else self.hparams.persistent_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=workers,
             pin_memory=pin,
-            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            persistent_workers=persistent and workers > 0,
         )
 
     def _world(self) -> tuple[int, int]:
@@ -342,6 +364,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         all_seen = bool(getattr(module, "trains_on_all_seen_tasks", False))
         held_out = module.held_out_indices() if module is not None and hasattr(module, "held_out_indices") else None
         dataset = self.train_dataset(extra, all_seen=all_seen, exclude=held_out)
+        if self.batch_augmentation is not None:
+            dataset.transform = _keep_uint8  # augmented on the device, in on_after_batch_transfer
         world, rank = self._world()
         # A seeded distributed sampler even on one process: order and augmentations of epoch e are a
         # function of (seed, e), so a resumed run draws the same batches as an uninterrupted one.
@@ -363,6 +387,24 @@ class TaskStreamDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader()
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``gpu_augmentation``: augment and normalise a training batch (``uint8``) on its device."""
+        images, labels, tasks = batch
+        if self.batch_augmentation is None or images.dtype != torch.uint8:
+            return batch
+        return self.batch_augmentation(images, self._generator(images.device)), labels, tasks
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The batch augmentation's generator, seeded by (seed, epoch, rank) at the first batch of each epoch, so
+        a run resumed at an epoch boundary draws what an uninterrupted one did."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        key = (str(device), epoch)
+        if self._augmentation_generator is None or self._augmentation_generator[0] != key:
+            _, rank = self._world()
+            seed = augmentation_seed(_base_seed(), epoch, -1 - rank)  # negative "index": apart from sample seeds
+            self._augmentation_generator = (key, torch.Generator(device=device).manual_seed(seed))
+        return self._augmentation_generator[1]
+
     def state_dict(self) -> dict[str, Any]:
         return {"current_task": self.current_task}
 
@@ -377,3 +419,8 @@ class TaskStreamDataModule(L.LightningDataModule):
 
 def _base_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def _keep_uint8(image: Tensor) -> Tensor:
+    """The training transform under ``gpu_augmentation``: the image as stored (uint8), augmented later."""
+    return image

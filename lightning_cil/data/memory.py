@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_cil.precision import full_precision
+
 __all__ = ["ExemplarMemory", "Selection", "closest_to_mean", "herding", "select"]
 
 Selection = Literal["herding", "random", "closest"]
@@ -23,8 +25,14 @@ def herding(features: Tensor, m: int) -> Tensor:
     """iCaRL's herding: pick, one at a time, the sample that brings the mean of the picked set closest to
     the mean of all samples. Returns the picked rows in picking order (the memory's priority).
 
-    Vectorised over the candidates: each of the ``m`` steps is one ``[n, d] x [d]`` product.
+    Vectorised over the candidates: each of the ``m`` steps is one ``[n, d] x [d]`` product, in fp32 even
+    under autocast (a bf16 product changes the picks).
     """
+    with full_precision(features.device.type):
+        return _herding(features, m)
+
+
+def _herding(features: Tensor, m: int) -> Tensor:
     n = features.shape[0]
     m = min(m, n)
     feats = F.normalize(features.float(), dim=1)
@@ -46,8 +54,9 @@ def herding(features: Tensor, m: int) -> Tensor:
 
 def closest_to_mean(features: Tensor, m: int) -> Tensor:
     """The ``m`` samples nearest to the class mean (of L2-normalised features), nearest first."""
-    feats = F.normalize(features.float(), dim=1)
-    distance = ((feats - feats.mean(dim=0)) ** 2).sum(dim=1)
+    with full_precision(features.device.type):
+        feats = F.normalize(features.float(), dim=1)
+        distance = ((feats - feats.mean(dim=0)) ** 2).sum(dim=1)
     return torch.argsort(distance, stable=True)[: min(m, len(feats))].cpu()
 
 

@@ -17,6 +17,7 @@ from lightning_cil.data.samplers import ShardedEvalSampler
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.metrics import TaskAccuracy
 from lightning_cil.networks import IncrementalLinear, build_backbone
+from lightning_cil.precision import check_precision, full_precision
 
 __all__ = ["IncrementalModule", "TaskSchedule", "CHECKPOINT_KEY"]
 
@@ -113,6 +114,9 @@ class IncrementalModule(LightningModule):
         """The feature extractor (methods that grow their own, like DER, override this)."""
         return build_backbone(name, in_channels)
 
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
+
     # ------------------------------------------------------------------ task hooks
 
     def on_task_start(self, task: TaskInfo) -> None:
@@ -150,7 +154,8 @@ class IncrementalModule(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels, tasks = batch
-        logits = self.restrict_to_tasks(self(images), tasks)
+        # fp32 logits: under mixed precision the losses (and their sums) are then computed in fp32
+        logits = self.restrict_to_tasks(self(images).float(), tasks)
         loss = self.training_loss(logits, labels, images)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
@@ -162,9 +167,14 @@ class IncrementalModule(LightningModule):
         own = self.label_task[: scores.shape[1]][None, :] == tasks[:, None]
         return scores.masked_fill(~own, torch.finfo(scores.dtype).min)
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """What the optimizer trains: the trainable parameters at the schedule's learning rate. A method whose parts
+        need their own learning rate returns several groups (a group's ``lr`` overrides the schedule's)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> dict[str, Any]:
         schedule = self.schedule_for_task(max(self.task_index, 0))
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = self.parameter_groups()
         if schedule.optimizer == "sgd":
             opt = torch.optim.SGD(params, schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
         elif schedule.optimizer == "adam":
@@ -244,7 +254,8 @@ class IncrementalModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.architecture()
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_checkpoint_identity(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's architecture entry, once its method, backbone and input channels match this model's."""
         arch = checkpoint.get(CHECKPOINT_KEY)
         if arch is None:
             raise ValueError("this checkpoint was not written by a lightning_cil stream (no 'lightning_cil' entry).")
@@ -255,6 +266,10 @@ class IncrementalModule(LightningModule):
                     f"checkpoint mismatch: it holds {key}={arch[key]!r} but this run is configured with "
                     f"{key}={mine[key]!r}; resume with the configuration that wrote the checkpoint."
                 )
+        return arch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        arch = self.check_checkpoint_identity(checkpoint)
         self._enter_task(arch["task_index"], arch["num_tasks"], arch["scenario"], arch["label_task"])
         self.head.expand(arch["head_classes"])
 
@@ -262,7 +277,8 @@ class IncrementalModule(LightningModule):
     def extract_features(self, dataset: Dataset, flip: bool = False, batch_size: int = 256) -> Tensor:
         """Backbone features (fp32) of every sample of ``dataset``, in dataset order, on the CPU.
 
-        Runs between fits (task ends), in eval mode, on the training device. Under DDP each rank
+        Runs between fits (task ends), in eval mode, on the training device, in full precision even when
+        autocast is on (herding, class means and DER's balancing read these features). Under DDP each rank
         computes a shard and the shards are gathered, so every rank returns the identical tensor.
         ``flip`` mirrors the images horizontally first (iCaRL's class means use both).
         """
@@ -275,11 +291,12 @@ class IncrementalModule(LightningModule):
         workers = getattr(trainer.datamodule, "hparams", {}).get("num_workers", 0) if trainer.datamodule else 0
         loader = DataLoader(dataset, batch_size, sampler=ShardedEvalSampler(dataset, world, rank), num_workers=workers)
         parts = []
-        for images, _, _ in loader:
-            images = images.to(device)
-            if flip:
-                images = torch.flip(images, dims=[3])
-            parts.append(self.backbone(images).float())
+        with full_precision(device.type):
+            for images, _, _ in loader:
+                images = images.to(device)
+                if flip:
+                    images = torch.flip(images, dims=[3])
+                parts.append(self.backbone(images).float())
         local = torch.cat(parts) if parts else torch.zeros(0, self.backbone.out_dim, device=device)
         self.train(was_training)
         if world == 1:

@@ -12,6 +12,7 @@ from lightning_cil.data.memory import ExemplarMemory, Selection
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule
+from lightning_cil.precision import full_precision
 
 __all__ = ["BiC"]
 
@@ -90,7 +91,7 @@ class BiC(DistillationModule):
         return self.weighted_distillation_loss(logits, labels, images, self.hparams.temperature)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.correct(self.head(self.backbone(x)))
+        return self.correct(self.head(self.backbone(x)).float())
 
     def correct(self, logits: Tensor, layers: list[tuple[int, int, float, float]] | None = None) -> Tensor:
         """Apply the finished tasks' bias layers (or ``layers``) to their classes' logits."""
@@ -116,6 +117,11 @@ class BiC(DistillationModule):
 
     @torch.enable_grad()
     def _train_bias_layer(self, task: TaskInfo) -> None:
+        """Stage 2: plain fp32 optimisation outside ``trainer.fit`` (autocast off; no loss scaling needed)."""
+        with full_precision(self.trainer.strategy.root_device.type):
+            self._fit_bias_layer(task)
+
+    def _fit_bias_layer(self, task: TaskInfo) -> None:
         datamodule = self.trainer.datamodule
         device = self.trainer.strategy.root_device
         features = self.extract_features(datamodule.train_subset(self.held_out)).to(device)

@@ -12,6 +12,7 @@ from lightning_cil.data.memory import ExemplarMemory, Selection
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
 from lightning_cil.networks import ExpandableBackbone, IncrementalLinear
+from lightning_cil.precision import full_precision
 
 __all__ = ["DER"]
 
@@ -135,11 +136,11 @@ class DER(IncrementalModule):
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels, tasks = batch
         super_feature, newest = self.backbone.forward_all(images)
-        logits = self.restrict_to_tasks(self.head(super_feature), tasks)
+        logits = self.restrict_to_tasks(self.head(super_feature).float(), tasks)
         loss = F.cross_entropy(logits, labels)
         if self.aux_head is not None:
             aux_labels = torch.where(labels >= self.num_old_classes, labels - self.num_old_classes + 1, 0)
-            aux_loss = F.cross_entropy(self.aux_head(newest), aux_labels)
+            aux_loss = F.cross_entropy(self.aux_head(newest).float(), aux_labels)
             self.log("train/aux_loss", aux_loss, on_step=False, on_epoch=True, batch_size=len(labels))
             loss = loss + self.hparams.aux_weight * aux_loss
         gates = self.backbone.gates
@@ -178,7 +179,15 @@ class DER(IncrementalModule):
 
     @torch.enable_grad()
     def _balance_classifier(self, task: TaskInfo) -> None:
-        """Re-initialise the classifier and train it on a class-balanced set of super-features."""
+        """Re-initialise the classifier and train it on a class-balanced set of super-features.
+
+        Plain fp32 optimisation outside ``trainer.fit`` (autocast off, so no loss scaling is needed under 16-mixed).
+        """
+        device = self.trainer.strategy.root_device
+        with full_precision(device.type):
+            self._train_balanced_head(task, device)
+
+    def _train_balanced_head(self, task: TaskInfo, device: torch.device) -> None:
         datamodule = self.trainer.datamodule
         per_class = max(len(v) for v in self.memory.exemplars.values())
         labels = datamodule.train_labels()
@@ -188,7 +197,6 @@ class DER(IncrementalModule):
             members = torch.nonzero(labels == label).flatten()
             new_samples.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
         indices = torch.cat([self.memory.indices(), *new_samples])
-        device = self.trainer.strategy.root_device
         features = self.extract_features(datamodule.train_subset(indices)).to(device)
         targets = labels[indices].to(device)
 

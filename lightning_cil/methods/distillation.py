@@ -48,7 +48,8 @@ class DistillationModule(IncrementalModule):
 
     @torch.no_grad()
     def teacher_logits(self, images: Tensor) -> Tensor:
-        return self.old_model(images)
+        """The previous model's logits, in fp32 (the targets of distillation, also under mixed precision)."""
+        return self.old_model(images).float()
 
     def weighted_distillation_loss(self, logits: Tensor, labels: Tensor, images: Tensor, temperature: float) -> Tensor:
         """(1 - lambda) CE over all seen classes + lambda KD on the old classes, lambda = old / seen classes:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_cil.data.samplers import ShardedEvalSampler
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.precision import full_precision
 
 __all__ = ["EWC"]
 
@@ -90,7 +91,10 @@ class EWC(IncrementalModule):
             self.penalties.append({n: (fisher[n], values[n]) for n in fisher})
 
     def _fisher(self) -> dict[str, Tensor]:
-        """Mean squared batch gradient of the cross-entropy on the task's training data, per parameter."""
+        """Mean squared batch gradient of the cross-entropy on the task's training data, per parameter.
+
+        Computed in full precision even under autocast: squared fp16 gradients without a loss scale underflow.
+        """
         trainer, datamodule = self.trainer, self.trainer.datamodule
         device = trainer.strategy.root_device
         dataset = datamodule.train_dataset()
@@ -101,14 +105,15 @@ class EWC(IncrementalModule):
         was_training = self.training
         self.eval()
         batches = 0
-        for images, labels, tasks in loader:
-            images, labels, tasks = images.to(device), labels.to(device), tasks.to(device)
-            self.zero_grad()
-            F.cross_entropy(self.restrict_to_tasks(self(images), tasks), labels).backward()
-            for name, p in params.items():
-                if p.grad is not None:
-                    fisher[name] += p.grad.detach() ** 2
-            batches += 1
+        with full_precision(device.type):
+            for images, labels, tasks in loader:
+                images, labels, tasks = images.to(device), labels.to(device), tasks.to(device)
+                self.zero_grad()
+                F.cross_entropy(self.restrict_to_tasks(self(images), tasks), labels).backward()
+                for name, p in params.items():
+                    if p.grad is not None:
+                        fisher[name] += p.grad.detach() ** 2
+                batches += 1
         self.zero_grad()
         self.train(was_training)
         flat = torch.cat([f.flatten() for f in fisher.values()]) / max(batches, 1)

@@ -11,6 +11,7 @@ from lightning_cil.data.memory import ExemplarMemory, Selection
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule
+from lightning_cil.precision import full_precision
 
 __all__ = ["WA"]
 
@@ -61,10 +62,11 @@ class WA(DistillationModule):
 
     @torch.no_grad()
     def _align_weights(self, old: int) -> None:
-        norms = self.head.weight.norm(dim=1)
-        old_norm, new_norm = norms[:old].mean().item(), norms[old:].mean().item()
-        self.head.weight[old:] *= old_norm / new_norm
-        self.alignment.append((old_norm, new_norm, self.head.weight[old:].norm(dim=1).mean().item()))
+        with full_precision(self.head.weight.device.type):
+            norms = self.head.weight.norm(dim=1)
+            old_norm, new_norm = norms[:old].mean().item(), norms[old:].mean().item()
+            self.head.weight[old:] *= old_norm / new_norm
+            self.alignment.append((old_norm, new_norm, self.head.weight[old:].norm(dim=1).mean().item()))
 
     def architecture(self) -> dict[str, Any]:
         return {**super().architecture(), "memory": self.memory.state_dict(), "alignment": self.alignment}
