@@ -7,7 +7,7 @@ start added is converted or compiled before its first step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
@@ -57,7 +57,11 @@ class CompileBackbone(Callback):
         dynamic: ``torch.compile``'s ``dynamic`` (None: dynamic shapes after the first shape change).
     """
 
-    def __init__(self, mode: str | None = None, dynamic: bool | None = None) -> None:
+    def __init__(
+        self,
+        mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
+        dynamic: bool | None = None,
+    ) -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"CompileBackbone mode={mode!r} is unknown; choose one of {list(COMPILE_MODES)}.")
         self.mode, self.dynamic = mode, dynamic
