@@ -51,6 +51,23 @@ def pacs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _extract(tmp_path_factory, SHARED_DATA / "pacs" / "pacs-64px-jpg.tar.gz", "pacs")
 
 
+def digits_stream(scenario: str = "class", **overrides):
+    """The digits stream of the method tests: 3 tasks (4, 3, 3 classes) in natural order, in-process loading."""
+    from lightning_cil import TaskStreamDataModule
+
+    options = dict(
+        dataset="digits",
+        scenario=scenario,
+        initial_classes=4,
+        increment=3,
+        class_order_seed=None,
+        batch_size=64,
+        num_workers=0,
+    )
+    options.update(overrides)
+    return TaskStreamDataModule(**options)
+
+
 def make_trainer(root: Path, **overrides) -> L.Trainer:
     """A quiet, deterministic CPU trainer writing into ``root``."""
     options = dict(

@@ -5,10 +5,10 @@ import inspect
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import digits_stream, make_trainer
 
 import lightning_cil.methods as methods
-from lightning_cil import TaskSchedule, TaskStreamDataModule, run_stream
+from lightning_cil import TaskSchedule, run_stream
 from lightning_cil.methods import IncrementalModule
 from lightning_cil.methods.masking import TaskMaskedModule
 
@@ -31,23 +31,11 @@ CASES = [(cls, REQUIRED.get(cls, {})) for cls in METHODS] + [
 ]
 
 
-def _digits(scenario: str) -> TaskStreamDataModule:
-    return TaskStreamDataModule(
-        dataset="digits",
-        scenario=scenario,
-        initial_classes=4,
-        increment=3,
-        class_order_seed=None,
-        batch_size=64,
-        num_workers=0,
-    )
-
-
 @pytest.mark.parametrize(("cls", "options"), CASES, ids=lambda c: c.__name__ if isinstance(c, type) else str(c))
 def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_path):
     L.seed_everything(0)
     scenario = "task" if issubclass(cls, TaskMaskedModule) else "class"  # these need the task id at test time
-    dm = _digits(scenario)
+    dm = digits_stream(scenario)
     kwargs = {"memory_budget": 60} if "memory_budget" in inspect.signature(cls).parameters else {}
     kwargs.update(options)
     epochs = 2 if cls is methods.PackNet else 1  # PackNet prunes before its retraining epochs
@@ -59,7 +47,7 @@ def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_p
     recorded = {name: counts["correct"] for name, counts in model.last_evaluation.items()}
 
     fresh = cls(backbone="resnet20", in_channels=1, schedule=schedule, **kwargs)
-    fresh_dm = _digits(scenario)
+    fresh_dm = digits_stream(scenario)
     ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     make_trainer(tmp_path / "eval").test(fresh, datamodule=fresh_dm, ckpt_path=str(ckpt), verbose=False)
     assert {name: counts["correct"] for name, counts in fresh.last_evaluation.items()} == recorded

@@ -3,22 +3,13 @@
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import digits_stream, make_trainer
 
-from lightning_cil import PackNet, Piggyback, TaskSchedule, TaskStreamDataModule, run_stream
+from lightning_cil import PackNet, Piggyback, TaskSchedule, run_stream
 
 
-def _digits() -> TaskStreamDataModule:
-    return TaskStreamDataModule(
-        dataset="digits",
-        scenario="task",
-        initial_classes=5,
-        increment=5,
-        class_order_seed=None,
-        max_train_per_class=40,
-        max_test_per_class=20,
-        num_workers=0,
-    )
+def _digits():
+    return digits_stream("task", initial_classes=5, increment=5, max_train_per_class=40, max_test_per_class=20)
 
 
 def _model(cls, backbone: str = "resnet20"):

@@ -9,11 +9,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_trainer
+from conftest import digits_stream, make_trainer
 from test_contract import CASES
 
 import lightning_cil.methods as methods
-from lightning_cil import TaskSchedule, TaskStreamDataModule, run_stream
+from lightning_cil import TaskSchedule, run_stream
 from lightning_cil.data.memory import closest_to_mean, herding
 from lightning_cil.methods.distillation import kd_loss
 from lightning_cil.methods.masking import TaskMaskedModule
@@ -25,19 +25,9 @@ def _bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def _digits(scenario: str) -> TaskStreamDataModule:
+def _digits(scenario: str):
     """The contract test's stream, shrunk: bf16 convolutions are slow on CPUs without bf16 instructions."""
-    return TaskStreamDataModule(
-        dataset="digits",
-        scenario=scenario,
-        initial_classes=4,
-        increment=3,
-        class_order_seed=None,
-        batch_size=64,
-        num_workers=0,
-        max_train_per_class=30,
-        max_test_per_class=10,
-    )
+    return digits_stream(scenario, max_train_per_class=30, max_test_per_class=10)
 
 
 def _run_bf16(cls, options, root):
