@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, cli
+from test_cli import shrunk
 
-QUICKSTART = REPO / "configs" / "quickstart.yaml"
 DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
 
 #: options beyond the quickstart's (which configures Finetune)
@@ -35,23 +35,6 @@ METHODS = {
 
 def _method(name: str) -> list[str]:
     return ["--model.class_path", f"lightning_cil.methods.{name}", *METHODS[name]]
-
-
-def _stream(out_dir: Path, *extra: str) -> list[str]:
-    """The quickstart with 2 epochs per task, writing into out_dir (as `shrunk()` in test_cli.py)."""
-    return [
-        "--config",
-        str(QUICKSTART),
-        "--model.init_args.schedule",
-        "{epochs: 2, lr: 0.02, milestones: []}",
-        "--trainer.default_root_dir",
-        str(out_dir),
-        "--trainer.logger.init_args.save_dir",
-        str(out_dir),
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
 
 
 def _metrics(out_dir: Path, newest: bool = False) -> tuple[Path, dict]:
@@ -113,7 +96,7 @@ def _free_port() -> int:
 
 def _single_process_accuracy(checkpoint: Path, out_dir: Path, *options: str) -> float:
     """`lightning-cil test` of a checkpoint on one process: accuracy on the seen classes in %."""
-    out = cli("test", *_stream(out_dir, *options), "--ckpt_path", str(checkpoint))
+    out = cli("test", *shrunk(out_dir, *options), "--ckpt_path", str(checkpoint))
     assert out.returncode == 0, out.stderr[-3000:]
     found = re.search(r"Evaluation after task 5/5 \(cnn\): accuracy on seen classes ([\d.]+)%", out.stdout)
     assert found is not None, out.stdout[-2000:]
@@ -137,7 +120,7 @@ def test_every_method_runs_a_two_process_stream_with_identical_ranks(tmp_path, m
     dump = tmp_path / "ranks"
     options = _method(method)
     callbacks = ("--trainer.callbacks+=rank_dump.RankStateDump", "--trainer.callbacks.out_dir", str(dump))
-    out = cli("fit", *_stream(tmp_path, *DDP, *options, *callbacks))
+    out = cli("fit", *shrunk(tmp_path, *DDP, *options, *callbacks))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("Accuracy matrix (cnn, %)") == 1  # rank 0 reports
     _assert_ranks_agree(dump, range(5))
@@ -153,7 +136,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_back(tmp_path, monk
     checkpoint of task 3 then resumes under 2 processes. Loader shards follow the process count of the fit."""
     monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
     killed = tmp_path / "killed"
-    out = cli("fit", *_stream(killed, *DDP, *_crash(tmp_path, epoch=5, rank=0, hard=False)))
+    out = cli("fit", *shrunk(killed, *DDP, *_crash(tmp_path, epoch=5, rank=0, hard=False)))
     assert out.returncode != 0 and "simulated crash at the start of epoch 5" in out.stderr, out.stderr[-3000:]
     (checkpoints,) = killed.glob("quickstart/version_*/checkpoints")  # rank 0 alone writes them
     names = {path.name for path in checkpoints.iterdir()}
@@ -163,7 +146,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_back(tmp_path, monk
     before = _metrics(killed)[1]["scorers"]["cnn"]["accuracy_matrix"]
 
     one = tmp_path / "one_process"
-    out = cli("fit", *_stream(one, "--ckpt_path", str(checkpoints / "last.ckpt")))
+    out = cli("fit", *shrunk(one, "--ckpt_path", str(checkpoints / "last.ckpt")))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming at task 2" in out.stdout, out.stdout[-2000:]
     run, metrics = _metrics(one)
@@ -171,7 +154,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_back(tmp_path, monk
     assert matrix[:2] == before[:2] and _full(matrix)
 
     two = tmp_path / "two_processes"
-    out = cli("fit", *_stream(two, *DDP, "--ckpt_path", str(run / "checkpoints" / "task03.ckpt")))
+    out = cli("fit", *shrunk(two, *DDP, "--ckpt_path", str(run / "checkpoints" / "task03.ckpt")))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming at task 3" in out.stdout, out.stdout[-2000:]
     final = _metrics(two)[1]["scorers"]["cnn"]["accuracy_matrix"]
@@ -192,7 +175,7 @@ def test_a_worker_killed_under_torchrun_is_restarted_and_resumes_from_the_last_c
         "-m",
         "lightning_cil",
         "fit",
-        *_stream(tmp_path, *DDP, *_crash(tmp_path, epoch=5, rank=1, hard=True), "--ckpt_path", "last"),
+        *shrunk(tmp_path, *DDP, *_crash(tmp_path, epoch=5, rank=1, hard=True), "--ckpt_path", "last"),
         log=log,
         # without it the restarted workers read the first attempt's addresses from torchrun's shared store and
         # cannot connect (pytorch/pytorch#135712)
@@ -220,7 +203,7 @@ def test_two_nodes_over_loopback_run_the_stream_once(tmp_path):
         _torchrun(
             *("--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1"),
             *("--master_addr", "127.0.0.1", "--master_port", port),
-            *("-m", "lightning_cil", "fit", *_stream(tmp_path, *options, "--trainer.accelerator", "cpu")),
+            *("-m", "lightning_cil", "fit", *shrunk(tmp_path, *options, "--trainer.accelerator", "cpu")),
             log=tmp_path / f"node{rank}.log",
         )
         for rank in (0, 1)
