@@ -48,9 +48,9 @@ def _pruned_der() -> DER:
     return DER(backbone="resnet20", in_channels=1, schedule=schedule, memory_budget=40, prune=True, balance_epochs=2)
 
 
-def _run(root: Path, seed: int = 5, crash_at: int | None = None, ckpt_path=None, method=_model):
+def _run(root: Path, seed: int = 5, crash_at: int | None = None, ckpt_path=None, method=_model, **data):
     L.seed_everything(seed)
-    model, dm = method(), _digits_stream()
+    model, dm = method(), _digits_stream(**data)
     callbacks = [_Crash(crash_at)] if crash_at is not None else []
     trainer = make_trainer(root, callbacks=callbacks)
     run_stream(trainer, model, dm, ckpt_path=ckpt_path)
@@ -92,6 +92,20 @@ def test_resumed_stream_ends_like_an_uninterrupted_one(tmp_path, crash_at, where
     assert _metrics(tmp_path / "resumed")["scorers"]["cnn"]["accuracy_matrix"] == expected
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), f"{name} differs after resuming at the {where}"
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent-workers"])
+def test_resume_with_loader_workers_draws_the_epoch_it_stopped_at(tmp_path, persistent):
+    """Loader workers prefetch as soon as Lightning creates the iterator, before it sets the sampler's epoch; the
+    first resumed epoch must still get its own order and augmentations, not epoch 0's."""
+    data = dict(num_workers=2, persistent_workers=persistent)
+    reference = _run(tmp_path / "reference", **data)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "killed", crash_at=4, **data)
+    last = tmp_path / "killed" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    resumed = _run(tmp_path / "resumed", ckpt_path=last, **data)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resuming with loader workers"
 
 
 def test_checkpoint_from_another_stream_is_refused(tmp_path):

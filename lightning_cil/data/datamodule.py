@@ -370,6 +370,11 @@ class TaskStreamDataModule(L.LightningDataModule):
         # A seeded distributed sampler even on one process: order and augmentations of epoch e are a
         # function of (seed, e), so a resumed run draws the same batches as an uninterrupted one.
         sampler = SeededShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=_base_seed())
+        if self.trainer is not None:
+            # Lightning (2.5.3+, issue #21938) creates the loader's iterator before it sets the sampler's epoch;
+            # loader workers prefetch at once, so a resumed run would redo epoch 0's order and augmentations.
+            # Setting the epoch Lightning is about to set makes the first resumed epoch match.
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return self._loader(dataset, self.hparams.batch_size, sampler)
 
     def _eval_loader(self) -> DataLoader:
