@@ -1,6 +1,8 @@
-"""Mixed precision: every method runs a stream under bf16-mixed, and the task-end work stays in fp32.
+"""Mixed precision: every method runs a stream under bf16-mixed and 16-mixed, and the task-end work stays in fp32.
 
-Only bf16 autocast runs on a CPU; 16-mixed (fp16 with a GradScaler) needs CUDA and is not exercised here.
+``Trainer(accelerator="cpu", precision="16-mixed")`` turns into bf16; the 16-mixed tests pass Lightning's
+``MixedPrecision("16-mixed", "cpu")`` plugin instead, which runs fp16 autocast with a GradScaler on the CPU:
+the same loss scaling, skipped steps and scaler checkpoint state as on a GPU.
 """
 
 import inspect
@@ -9,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from conftest import digits_stream, make_trainer
 from test_contract import CASES
 
@@ -30,8 +33,7 @@ def _digits(scenario: str):
     return digits_stream(scenario, max_train_per_class=30, max_test_per_class=10)
 
 
-def _run_bf16(cls, options, root):
-    L.seed_everything(0)
+def _model_and_stream(cls, options):
     scenario = "task" if issubclass(cls, TaskMaskedModule) else "class"
     kwargs = {"memory_budget": 60} if "memory_budget" in inspect.signature(cls).parameters else {}
     kwargs.update(options)
@@ -39,9 +41,18 @@ def _run_bf16(cls, options, root):
     model = cls(
         backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=epochs, lr=0.02, milestones=[]), **kwargs
     )
-    dm = _digits(scenario)
+    return model, _digits(scenario)
+
+
+def _run_bf16(cls, options, root):
+    L.seed_everything(0)
+    model, dm = _model_and_stream(cls, options)
     run_stream(make_trainer(root, precision="bf16-mixed"), model, dm)
     return model, dm
+
+
+def _fp16_trainer(root):
+    return make_trainer(root, plugins=[MixedPrecision("16-mixed", "cpu")])
 
 
 #: the cases in the default suite: between them they run every fp32-sensitive task-end step (herding, NME means,
@@ -79,6 +90,34 @@ def test_bf16_mixed_stream_keeps_weights_memory_means_and_fisher_in_fp32(cls, op
     with _bf16():
         under_autocast = model.extract_features(samples)
     assert under_autocast.dtype == torch.float32 and torch.equal(plain, under_autocast)
+
+
+@pytest.mark.parametrize(("cls", "options"), CASES, ids=lambda c: c.__name__ if isinstance(c, type) else str(c))
+def test_16_mixed_stream_trains_in_fp16_with_a_loss_scale_and_its_checkpoint_rebuilds_it(cls, options, tmp_path):
+    L.seed_everything(0)
+    model, dm = _model_and_stream(cls, options)
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    training_dtypes = set()
+    first_conv.register_forward_hook(lambda m, i, out: training_dtypes.add(out.dtype) if m.training else None)
+    trainer = _fp16_trainer(tmp_path)
+    run_stream(trainer, model, dm)
+
+    assert model.task_index == 2 and trainer.precision == "16-mixed"
+    assert torch.float16 in training_dtypes  # the training steps ran under fp16 autocast
+    scale = trainer.precision_plugin.scaler.get_scale()
+    assert 0 < scale < float("inf")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        assert not tensor.is_floating_point() or tensor.dtype == torch.float32, name
+    memory = getattr(model, "memory", None)
+    if memory is not None:
+        assert len(memory) == 60
+    ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["MixedPrecision"]["scale"] == scale  # resumes with its scale
+
+    recorded = {name: counts["correct"] for name, counts in model.last_evaluation.items()}
+    fresh, fresh_dm = _model_and_stream(cls, options)
+    _fp16_trainer(tmp_path / "eval").test(fresh, datamodule=fresh_dm, ckpt_path=str(ckpt), verbose=False)
+    assert {name: counts["correct"] for name, counts in fresh.last_evaluation.items()} == recorded
 
 
 def test_selection_is_fp32_under_autocast():
