@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.plugins.precision import MixedPrecision
 from conftest import digits_stream, make_trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
 from test_contract import CASES
 
 import lightning_cil.methods as methods
