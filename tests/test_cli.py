@@ -110,51 +110,6 @@ def test_bad_configuration_is_one_clear_line(tmp_path, override, message):
     assert not list(tmp_path.glob("**/*.ckpt"))  # refused before any training
 
 
-def test_two_process_ddp_stream_completes_and_matches_a_single_process_evaluation(tmp_path):
-    out = cli("fit", *shrunk(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp"), timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("Accuracy matrix (cnn, %)") == 1  # printed by rank 0 only
-    run = _run_dir(tmp_path)
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert len(metrics["tasks"]) == 5
-    tasks, accuracy = _evaluate("test", run / "checkpoints" / "last.ckpt", tmp_path / "eval")
-    assert tasks == 5 and accuracy == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
-
-
-@pytest.mark.slow  # ~2 min: run with `pytest -m slow` (the default suite keeps the 2-process Finetune stream)
-@pytest.mark.parametrize("method", ["ICaRL", "DER"])
-def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch, method):
-    """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars.
-    DER (with channel masks and pruning) also trains with frozen old extractors under DDP (no unused-parameter
-    error), prunes the same channels on both ranks and balances its head."""
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
-    dump = tmp_path / "ranks"
-    out = cli(
-        "fit",
-        *shrunk(tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp"),
-        "--model.class_path",
-        f"lightning_cil.methods.{method}",
-        "--model.init_args.memory_budget",
-        "50",
-        "--model.init_args.backbone",
-        "resnet20",
-        *(["--model.init_args.prune", "true"] if method == "DER" else []),
-        "--trainer.callbacks+=rank_dump.RankStateDump",
-        "--trainer.callbacks.out_dir",
-        str(dump),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    for task in range(5):
-        rank0 = json.loads((dump / f"rank0_task{task}.json").read_text())
-        rank1 = json.loads((dump / f"rank1_task{task}.json").read_text())
-        assert rank0 == rank1, f"ranks differ after task {task}"
-        assert sum(len(v) for v in rank0["memory"].values()) == 50
-        if method == "DER":  # the masks were learned, binarised and applied at every task end
-            assert len(rank0["pruning"]) == task + 1 and all(0 < f <= 1 for f in rank0["pruning"])
-    metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
-    assert metrics["primary_scorer"] == ("nme" if method == "ICaRL" else "cnn") and len(metrics["tasks"]) == 5
-
-
 @pytest.mark.slow
 def test_bf16_mixed_precision_stream(tmp_path):
     out = cli(

@@ -1,7 +1,7 @@
 """Streams under DDP on CPU (gloo): every method, a changed process count on resume, launcher restarts, two nodes.
 
-The slow tests start several processes on the quickstart (digits) shrunk to 2 epochs per task, one to three minutes
-each on 2 cores: run them with `pytest -m slow`.
+Every test runs the quickstart (digits) shrunk to 2 epochs per task, one to three minutes each on 2 cores. The
+default suite runs the 2-process iCaRL and DER streams; the others are slow: run them with `pytest -m slow`.
 """
 
 import json
@@ -21,7 +21,20 @@ from test_cli import shrunk
 DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
 
 #: options beyond the quickstart's (which configures Finetune)
+REHEARSAL = {
+    "ICaRL": ("--model.init_args.memory_budget", "50", "--model.init_args.backbone", "resnet20"),
+    "DER": (
+        "--model.init_args.memory_budget",
+        "50",
+        "--model.init_args.backbone",
+        "resnet20",
+        "--model.init_args.prune",
+        "true",
+    ),
+}
 METHODS = {
+    **REHEARSAL,
+    "Finetune": (),
     "LwF": (),
     "EWC": (),
     "WA": ("--model.init_args.memory_budget", "50"),
@@ -94,13 +107,22 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _single_process_accuracy(checkpoint: Path, out_dir: Path, *options: str) -> float:
-    """`lightning-cil test` of a checkpoint on one process: accuracy on the seen classes in %."""
+def _single_process_accuracy(checkpoint: Path, out_dir: Path, *options: str) -> dict[str, float]:
+    """`lightning-cil test` of a checkpoint on one process: accuracy on the seen classes in %, per scorer."""
     out = cli("test", *shrunk(out_dir, *options), "--ckpt_path", str(checkpoint))
     assert out.returncode == 0, out.stderr[-3000:]
-    found = re.search(r"Evaluation after task 5/5 \(cnn\): accuracy on seen classes ([\d.]+)%", out.stdout)
-    assert found is not None, out.stdout[-2000:]
-    return float(found.group(1))
+    found = re.findall(r"Evaluation after task 5/5 \((\w+)\): accuracy on seen classes ([\d.]+)%", out.stdout)
+    assert found, out.stdout[-2000:]
+    return {scorer: float(accuracy) for scorer, accuracy in found}
+
+
+def _assert_reported_equals_one_process(run: Path, metrics: dict, tmp_path: Path, *options: str) -> None:
+    """Every scorer's final accuracy (rank shards summed through torchmetrics) is what one process measures."""
+    measured = _single_process_accuracy(run / "checkpoints" / "last.ckpt", tmp_path / "eval", *options)
+    reported = {scorer: values["accuracy_seen"][-1] for scorer, values in metrics["scorers"].items()}
+    assert measured.keys() == reported.keys()
+    for scorer, accuracy in measured.items():
+        assert accuracy == pytest.approx(reported[scorer], abs=0.01), scorer
 
 
 def _assert_ranks_agree(dump: Path, tasks: range) -> None:
@@ -110,8 +132,32 @@ def _assert_ranks_agree(dump: Path, tasks: range) -> None:
         assert rank0 == rank1, f"ranks differ after task {task}: {rank0} vs {rank1}"
 
 
+@pytest.mark.parametrize("method", list(REHEARSAL))
+def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch, method):
+    """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars and
+    class means. DER (with channel masks and pruning) also trains with frozen old extractors under DDP (no
+    unused-parameter error), prunes the same channels on both ranks and balances its head."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    dump = tmp_path / "ranks"
+    options = _method(method)
+    callbacks = ("--trainer.callbacks+=rank_dump.RankStateDump", "--trainer.callbacks.out_dir", str(dump))
+    out = cli("fit", *shrunk(tmp_path, *DDP, *options, *callbacks))
+    assert out.returncode == 0, out.stderr[-3000:]
+    _assert_ranks_agree(dump, range(5))
+    for task in range(5):
+        rank0 = json.loads((dump / f"rank0_task{task}.json").read_text())
+        assert sum(len(v) for v in rank0["memory"].values()) == 50
+        if method == "ICaRL":
+            assert len(rank0["class_means"]) == 2 * (task + 1)
+        if method == "DER":  # the masks were learned, binarised and applied at every task end
+            assert len(rank0["pruning"]) == task + 1 and all(0 < f <= 1 for f in rank0["pruning"])
+    run, metrics = _metrics(tmp_path)
+    assert metrics["primary_scorer"] == ("nme" if method == "ICaRL" else "cnn") and len(metrics["tasks"]) == 5
+    _assert_reported_equals_one_process(run, metrics, tmp_path, *options)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [name for name in METHODS if name not in REHEARSAL])
 def test_every_method_runs_a_two_process_stream_with_identical_ranks(tmp_path, monkeypatch, method):
     """EWC reduces its Fisher over the ranks' shards, BiC trains its bias layer on gathered features, WA aligns the
     same weights, PackNet prunes by magnitude inside a fit: after every task both ranks must hold the same model
@@ -126,8 +172,7 @@ def test_every_method_runs_a_two_process_stream_with_identical_ranks(tmp_path, m
     _assert_ranks_agree(dump, range(5))
     run, metrics = _metrics(tmp_path)
     assert metrics["method"] == method and len(metrics["tasks"]) == 5
-    accuracy = _single_process_accuracy(run / "checkpoints" / "last.ckpt", tmp_path / "eval", *options)
-    assert accuracy == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
+    _assert_reported_equals_one_process(run, metrics, tmp_path, *options)
 
 
 @pytest.mark.slow
@@ -190,8 +235,7 @@ def test_a_worker_killed_under_torchrun_is_restarted_and_resumes_from_the_last_c
     run, metrics = _metrics(tmp_path, newest=True)
     assert run.name == "version_1" and [t["task"] for t in metrics["tasks"]] == [0, 1, 2, 3, 4]
     assert _full(metrics["scorers"]["cnn"]["accuracy_matrix"])
-    accuracy = _single_process_accuracy(run / "checkpoints" / "last.ckpt", tmp_path / "eval")
-    assert accuracy == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
+    _assert_reported_equals_one_process(run, metrics, tmp_path)
 
 
 @pytest.mark.slow
@@ -215,8 +259,7 @@ def test_two_nodes_over_loopback_run_the_stream_once(tmp_path):
     run, metrics = _metrics(tmp_path)  # one run folder, one metrics.json
     assert len(metrics["tasks"]) == 5 and _full(metrics["scorers"]["cnn"]["accuracy_matrix"])
     assert len(list(tmp_path.glob("quickstart/version_*/checkpoints/task04.ckpt"))) == 1
-    accuracy = _single_process_accuracy(run / "checkpoints" / "last.ckpt", tmp_path / "eval")
-    assert accuracy == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
+    _assert_reported_equals_one_process(run, metrics, tmp_path)
 
 
 def test_slurm_example_passes_a_valid_configuration(tmp_path):
