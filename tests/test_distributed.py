@@ -132,11 +132,10 @@ def _assert_ranks_agree(dump: Path, tasks: range) -> None:
         assert rank0 == rank1, f"ranks differ after task {task}: {rank0} vs {rank1}"
 
 
-@pytest.mark.parametrize("method", list(REHEARSAL))
-def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch, method):
-    """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars and
-    class means. DER (with channel masks and pruning) also trains with frozen old extractors under DDP (no
-    unused-parameter error), prunes the same channels on both ranks and balances its head."""
+def _two_process_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> tuple[Path, dict]:
+    """Run ``method``'s stream on 2 processes; check that rank 0 alone reports, that both ranks hold the same model and
+    method state after every task, and that the reported accuracies are what one process measures on the saved
+    checkpoint. Returns the folder of the ranks' state dumps (``rank<r>_task<t>.json``) and metrics.json."""
     monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
     dump = tmp_path / "ranks"
     options = _method(method)
@@ -144,6 +143,20 @@ def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tm
     out = cli("fit", *shrunk(tmp_path, *DDP, *options, *callbacks))
     assert out.returncode == 0, out.stderr[-3000:]
     _assert_ranks_agree(dump, range(5))
+    run, metrics = _metrics(tmp_path)
+    assert out.stdout.count(f"Accuracy matrix ({metrics['primary_scorer']}, %)") == 1  # rank 0 reports
+    assert metrics["method"] == method and len(metrics["tasks"]) == 5
+    _assert_reported_equals_one_process(run, metrics, tmp_path, *options)
+    return dump, metrics
+
+
+@pytest.mark.parametrize("method", list(REHEARSAL))
+def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tmp_path, monkeypatch, method):
+    """Exemplar features are computed in shards and gathered: both ranks must select the same exemplars and
+    class means. DER (with channel masks and pruning) also trains with frozen old extractors under DDP (no
+    unused-parameter error), prunes the same channels on both ranks and balances its head."""
+    dump, metrics = _two_process_stream(tmp_path, monkeypatch, method)
+    assert metrics["primary_scorer"] == ("nme" if method == "ICaRL" else "cnn")
     for task in range(5):
         rank0 = json.loads((dump / f"rank0_task{task}.json").read_text())
         assert sum(len(v) for v in rank0["memory"].values()) == 50
@@ -151,9 +164,6 @@ def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tm
             assert len(rank0["class_means"]) == 2 * (task + 1)
         if method == "DER":  # the masks were learned, binarised and applied at every task end
             assert len(rank0["pruning"]) == task + 1 and all(0 < f <= 1 for f in rank0["pruning"])
-    run, metrics = _metrics(tmp_path)
-    assert metrics["primary_scorer"] == ("nme" if method == "ICaRL" else "cnn") and len(metrics["tasks"]) == 5
-    _assert_reported_equals_one_process(run, metrics, tmp_path, *options)
 
 
 @pytest.mark.slow
@@ -162,17 +172,7 @@ def test_every_method_runs_a_two_process_stream_with_identical_ranks(tmp_path, m
     """EWC reduces its Fisher over the ranks' shards, BiC trains its bias layer on gathered features, WA aligns the
     same weights, PackNet prunes by magnitude inside a fit: after every task both ranks must hold the same model
     and method state, and the reported accuracy must be what one process measures on the saved checkpoint."""
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
-    dump = tmp_path / "ranks"
-    options = _method(method)
-    callbacks = ("--trainer.callbacks+=rank_dump.RankStateDump", "--trainer.callbacks.out_dir", str(dump))
-    out = cli("fit", *shrunk(tmp_path, *DDP, *options, *callbacks))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("Accuracy matrix (cnn, %)") == 1  # rank 0 reports
-    _assert_ranks_agree(dump, range(5))
-    run, metrics = _metrics(tmp_path)
-    assert metrics["method"] == method and len(metrics["tasks"]) == 5
-    _assert_reported_equals_one_process(run, metrics, tmp_path, *options)
+    _two_process_stream(tmp_path, monkeypatch, method)
 
 
 @pytest.mark.slow
