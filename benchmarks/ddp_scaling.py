@@ -21,26 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, fit_command, machine, write_result  # benchmarks/harness.py
 
 
 def run(args: argparse.Namespace, method: str, processes: int, work: Path) -> dict:
     out = work / f"{method}_{processes}"
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_cil.cli",
-        "fit",
-        "--config",
-        str(REPO / "configs" / f"{method}_cifar10.yaml"),
-    ]
+    command = fit_command(f"{method}_cifar10.yaml")
     command += [
         "--seed_everything", "0",
         "--data.root", args.root,
@@ -102,18 +93,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ddp_scaling.json"))
     args = parser.parse_args()
 
-    import torch
-
     settings = {k: v for k, v in vars(args).items() if k not in ("root", "out")}
-    settings.update(
-        stream="CIFAR-10 B0_Inc2 (5 tasks of 2 classes, natural order)",
-        cpu_count=os.cpu_count(),
-        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-        load_average_at_start=[round(v, 2) for v in os.getloadavg()],
-        torch=torch.__version__,
-        machine=platform.machine(),
-        date=time.strftime("%Y-%m-%d"),
-    )
+    settings.update(stream="CIFAR-10 B0_Inc2 (5 tasks of 2 classes, natural order)", machine=machine())
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for method in args.methods:
@@ -133,9 +114,7 @@ def main() -> None:
             f"{row['fit_images_per_second']:.0f} | {speedup:.2f} | "
             f"{row['fit_seconds']:.1f} | {row['wall_seconds']:.0f} | {row['avg_incremental_accuracy']:.2f} |"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, {"settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":

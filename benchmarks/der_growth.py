@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from harness import machine, write_result  # benchmarks/harness.py
 
 from lightning_cil.cli import LightningCILCLI
 
@@ -150,18 +149,10 @@ def main() -> None:
         print(f"| {name} | summary | | | wall {rows[0]['wall_seconds']:.0f} s | {rows[0]['summary']} |")
     result = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("root", "out", "work_dir")},
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        },
+        "machine": machine(),
         "runs": runs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+from harness import machine, write_result  # benchmarks/harness.py
 
 from lightning_cil.data.memory import ExemplarMemory, herding
 
@@ -49,19 +49,12 @@ def main() -> None:
         {"case": "5000 x 512-d -> 500 exemplars", "seconds": _time(lambda: herding(big, 500), args.repeats)},
         {"case": "CIFAR-100 task: 10 classes x 500 x 64-d -> 100 each", "seconds": _time(cifar100_task, args.repeats)},
     ]
-    setting = {
-        "device": args.device,
-        "torch_threads": torch.get_num_threads(),
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    setting = {"selection_device": args.device, "machine": machine()}
     print(f"setting: {json.dumps(setting)}")
     print(f"{'case':<56}{'seconds':>10}")
     for row in rows:
         print(f"{row['case']:<56}{row['seconds']:>10.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"setting": setting, "results": rows}, indent=2))
+    write_result(args.out, {"setting": setting, "results": rows})
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine, write_result  # benchmarks/harness.py
 
 HERE = Path(__file__).resolve().parent
 #: command-line name -> class in lightning_cil.methods
@@ -144,19 +144,8 @@ def main() -> None:
     if args.child:
         return _child(args)
 
-    import torch
-
     settings = {k: v for k, v in vars(args).items() if k not in ("root", "out", "child", "result", "methods")}
-    settings.update(
-        cpu_count=os.cpu_count(),
-        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "(unset)"),
-        load_average_at_start=[round(v, 2) for v in os.getloadavg()],
-        torch=torch.__version__,
-        machine=platform.machine(),
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        date=time.strftime("%Y-%m-%d"),
-    )
+    settings["machine"] = machine()
     results = []
     for method in args.methods:
         with tempfile.TemporaryDirectory() as tmp:
@@ -186,9 +175,7 @@ def main() -> None:
         fits = [r["fit_images_per_second"] for r in result["tasks"]]
         mean_step = f"{sum(steps) / len(steps):.0f}" if steps else "-"
         print(f"| {result['method']} | {result['stream_seconds']:.0f} | {mean_step} | {sum(fits) / len(fits):.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, {"settings": settings, "results": results})
 
 
 if __name__ == "__main__":

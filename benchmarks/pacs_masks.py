@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from harness import machine, write_result  # benchmarks/harness.py
 
 from lightning_cil import Finetune, Piggyback, TaskSchedule, TaskStreamDataModule, run_stream
 from lightning_cil.cli import LightningCILCLI
@@ -179,19 +178,11 @@ def main() -> None:
         print(f"| {name} | {cells} | {sum(acc) / len(acc):.1f} | {storage} |")
     result = {
         "settings": {"domains": DOMAINS, "seed": SEED, "pacs_overrides": PACS, "schedule": ADAM, "backbone": BACKBONE},
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        },
+        "machine": machine(),
         "backbone_accuracy": backbone_accuracy,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, fit_command, machine, write_result  # benchmarks/harness.py
+
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import SPLIT_CIFAR10_OVERRIDES  # noqa: E402  (one definition of the shrunk stream)
 
@@ -34,14 +34,7 @@ def run(method: str, root: str, seed: int, work: Path) -> dict:
     out = work / f"{method}_seed{seed}"
     overrides = list(SPLIT_CIFAR10_OVERRIDES)
     overrides[overrides.index("--seed_everything") + 1] = str(seed)
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_cil.cli",
-        "fit",
-        "--config",
-        str(REPO / "configs" / f"{method}_cifar10.yaml"),
-    ]
+    command = fit_command(f"{method}_cifar10.yaml")
     command += ["--data.root", root, *overrides]
     command += ["--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)]
     start = time.perf_counter()
@@ -88,13 +81,7 @@ def main() -> None:
         values = [r["avg_incremental_accuracy"] for r in rows if r["method"] == method]
         if len(values) > 1:
             print(f"{method}: avg incremental accuracy over seeds {values}: sd {statistics.stdev(values):.2f}")
-    machine = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    write_result(args.out, {"machine": machine(), "rows": rows})
     if args.write_reference:
         reference = {r["method"]: round(r["avg_incremental_accuracy"], 2) for r in rows if r["seed"] == 0}
         path = REPO / "tests" / "reference" / "split_cifar10.json"

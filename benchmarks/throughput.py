@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from harness import machine, write_result  # benchmarks/harness.py
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from lightning_cil import Finetune, ICaRL, TaskInfo, TaskSchedule, TaskStreamDataModule
@@ -34,10 +33,14 @@ from lightning_cil.callbacks import ChannelsLast, CompileBackbone
 from lightning_cil.data.batch_augmentation import build_batch_augmentation
 
 
+#: training batches left out of the timing (first-batch allocations, autotuning, compilation)
+WARMUP_BATCHES = 3
+
+
 class _Throughput(L.Callback):
     """Images per second over the training batches after ``warmup`` (GPU work waited for)."""
 
-    def __init__(self, warmup: int = 3) -> None:
+    def __init__(self, warmup: int = WARMUP_BATCHES) -> None:
         self.warmup, self.images, self.start, self.end = warmup, 0, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -176,6 +179,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.root is None) == (args.synthetic is None):
         parser.error("give either --root (CIFAR-10) or --synthetic N (random ImageNet-shaped images)")
+    if args.batches <= WARMUP_BATCHES:
+        parser.error(f"--batches {args.batches} leaves nothing to time: the first {WARMUP_BATCHES} are warm-up")
     args.backbones = args.backbones or (["resnet18"] if args.synthetic else ["resnet32", "resnet18_cifar"])
     if args.synthetic:
         args.workers = []  # random tensors in memory: no loader measurement
@@ -185,22 +190,15 @@ def main() -> None:
         data = f"CIFAR-10, {args.per_class} images per class, in-memory uint8"
 
     setting = {
-        "torch_threads": torch.get_num_threads(),
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-        "cpu_count": os.cpu_count(),
+        "machine": machine(),
         "batch_size": args.batch_size,
         "data": data,
         "channels_last": args.channels_last,
         "compile": args.compile,
         "train_workers": args.train_workers,
         "batches": args.batches,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "accelerator": args.accelerator,
         "precision": args.precision,
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "machine": platform.machine(),
-        "date": time.strftime("%Y-%m-%d"),
     }
     rows = []
     for workers in args.workers:
@@ -220,9 +218,7 @@ def main() -> None:
     print(f"{'measurement':<44}{'workers':>8}{'images/s':>12}")
     for row in rows:
         print(f"{row['what']:<44}{row['workers']:>8}{row['images_per_s']:>12.0f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"setting": setting, "results": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, {"setting": setting, "results": rows})
 
 
 if __name__ == "__main__":

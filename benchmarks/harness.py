@@ -1,0 +1,49 @@
+"""What the benchmark scripts share: the machine a number was measured on, the fit they launch, the JSON they write.
+
+Every CPU number is only meaningful with its thread and loader settings, so every result records the same
+machine fields (cores, torch threads, OMP settings, load, device, versions, date).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict[str, Any]:
+    """The machine and thread settings this process runs with (call it after any `torch.set_num_threads`)."""
+    import lightning as L
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def fit_command(config: str) -> list[str]:
+    """`lightning-cil fit --config configs/<config>` in a fresh interpreter (append overrides to it)."""
+    return [sys.executable, "-m", "lightning_cil.cli", "fit", "--config", str(REPO / "configs" / config)]
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Write a benchmark's result as JSON (creating its folder) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
