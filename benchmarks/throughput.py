@@ -32,7 +32,6 @@ from lightning_cil import Finetune, ICaRL, TaskInfo, TaskSchedule, TaskStreamDat
 from lightning_cil.callbacks import ChannelsLast, CompileBackbone
 from lightning_cil.data.batch_augmentation import build_batch_augmentation
 
-
 #: training batches left out of the timing (first-batch allocations, autotuning, compilation)
 WARMUP_BATCHES = 3
 
