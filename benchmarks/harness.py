@@ -47,3 +47,10 @@ def write_result(path: str | Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
+
+
+def speed_callbacks(channels_last: bool, compile_backbone: bool) -> list:
+    """The opt-in speed callbacks a benchmark was asked for (``--channels-last``, ``--compile``)."""
+    from lightning_cil.callbacks import ChannelsLast, CompileBackbone
+
+    return [ChannelsLast()] * channels_last + [CompileBackbone()] * compile_backbone

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import machine, write_result  # benchmarks/harness.py
+from harness import machine, speed_callbacks, write_result  # benchmarks/harness.py
 
 HERE = Path(__file__).resolve().parent
 #: command-line name -> class in lightning_cil.methods
@@ -57,7 +57,6 @@ def _child(args: argparse.Namespace) -> None:
 
     import lightning_cil.methods as methods
     from lightning_cil import TaskSchedule, TaskStreamDataModule, run_stream
-    from lightning_cil.callbacks import ChannelsLast, CompileBackbone
     from lightning_cil.stream import StreamCallback
 
     class TaskEndTimer(StreamCallback):
@@ -94,11 +93,7 @@ def _child(args: argparse.Namespace) -> None:
         gpu_augmentation=args.gpu_augmentation,
     )
     meter, timer = CostMeter(warmup=1), TaskEndTimer()
-    callbacks = [meter, timer]
-    if args.channels_last:
-        callbacks.append(ChannelsLast())
-    if args.compile:
-        callbacks.append(CompileBackbone())
+    callbacks = [meter, timer, *speed_callbacks(args.channels_last, args.compile)]
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,

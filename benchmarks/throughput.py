@@ -25,11 +25,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from harness import machine, write_result  # benchmarks/harness.py
+from harness import machine, speed_callbacks, write_result  # benchmarks/harness.py
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from lightning_cil import Finetune, ICaRL, TaskInfo, TaskSchedule, TaskStreamDataModule
-from lightning_cil.callbacks import ChannelsLast, CompileBackbone
 from lightning_cil.data.batch_augmentation import build_batch_augmentation
 
 #: training batches left out of the timing (first-batch allocations, autotuning, compilation)
@@ -137,11 +136,7 @@ def training_throughput(args, backbone: str, method: type = Finetune) -> float:
     for task in tasks:
         model.on_task_start(task)
     meter = _Throughput()
-    callbacks = [meter]
-    if args.channels_last:
-        callbacks.append(ChannelsLast())
-    if args.compile:
-        callbacks.append(CompileBackbone())
+    callbacks = [meter, *speed_callbacks(args.channels_last, args.compile)]
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,
