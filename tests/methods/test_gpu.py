@@ -108,9 +108,10 @@ def test_16_mixed_with_channels_last_and_device_augmentation_steps_the_scaler_an
     ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["MixedPrecision"]["scale"] == scale
 
-    # resume from the checkpoint with a scaler that starts elsewhere: the saved scale replaces it
+    # resume from the checkpoint with a scaler that starts elsewhere: the saved scale replaces it. Same layout as
+    # the first run, so that its fp16 evaluation runs the same kernels
     fresh, fresh_dm = _model_and_stream(cls, options, gpu_augmentation=True)
-    resumed = _trainer(tmp_path / "resume", plugins=[_fp16_plugin(init_scale=8.0)])
+    resumed = _trainer(tmp_path / "resume", plugins=[_fp16_plugin(init_scale=8.0)], callbacks=[ChannelsLast()])
     run_stream(resumed, fresh, fresh_dm, ckpt_path=ckpt)
     assert resumed.precision_plugin.scaler.get_scale() == scale
     resumed.test(fresh, datamodule=fresh_dm, verbose=False)
