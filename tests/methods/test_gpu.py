@@ -140,7 +140,7 @@ def test_bf16_mixed_on_the_device_keeps_weights_memory_and_class_means_in_fp32(c
     assert under_autocast.dtype == torch.float32 and torch.equal(plain, under_autocast)
 
 
-@pytest.mark.skipif(not CUDA, reason="compilation takes minutes on a CPU")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: compilation takes minutes on a CPU")
 def test_compiled_channels_last_der_compiles_every_extractor_and_matches_eager(tmp_path):
     """DER grows an extractor per task: each is compiled at its task's fit, and computes what the eager one does."""
     L.seed_everything(0)
