@@ -42,6 +42,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,7 @@ def throughput_rows(plan: dict, out: Path) -> None:
             )
             measured = {"images_per_s": round(step, 1), "ceiling_images_per_s": round(ceiling, 1)}
         except Exception as error:  # one failing row (a compiler error, memory) must not lose the others
+            traceback.print_exc()  # into the step's log
             measured = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
         measured["seconds"] = round(time.perf_counter() - start, 1)
         if row["compile"]:  # how much was compiled: no graphs means the row ran eagerly
