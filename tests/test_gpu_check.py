@@ -68,3 +68,16 @@ def test_a_missing_data_path_is_refused_before_anything_runs(tmp_path):
     done = _check("--dry-run", "--data", str(tmp_path / "nowhere.tar.gz"), "--out", str(tmp_path / "out"), timeout=300)
     assert done.returncode == 1 and "nowhere.tar.gz: no such file" in done.stderr
     assert "--prepare" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_cli_parses_a_config_without_wandb_installed():
+    """The GPU machine has no wandb: only a configured WandbLogger may need it."""
+    code = (
+        "import sys; sys.modules['wandb'] = None\n"  # `import wandb` now fails, as where it is not installed
+        "sys.argv = ['lightning-cil', 'fit', '--config', 'configs/icarl_cifar10.yaml', '--print_config']\n"
+        "from lightning_cil.cli import main; main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "class_path: lightning_cil.methods.ICaRL" in done.stdout
