@@ -44,7 +44,7 @@ def _fp16_plugin(init_scale: float = 2.0**16) -> MixedPrecision:
 
 
 class _Probe(L.Callback):
-    """What the training steps saw: the first convolution's output dtype and layout, and the host-side batches."""
+    """What the training steps saw: a convolution's output dtype and layout, and the host-side training batches."""
 
     def __init__(self, model: L.LightningModule, dm: L.LightningDataModule) -> None:
         self.dm = dm
