@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,9 +31,32 @@ def machine() -> dict[str, Any]:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        **_cuda(torch),
         "torch": torch.__version__,
         "lightning": L.__version__,
         "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _cuda(torch) -> dict[str, Any]:
+    """The GPU side of the record: driver, CUDA and cuDNN versions, memory (None where there is no GPU)."""
+    if not torch.cuda.is_available():
+        return {"gpu_count": 0, "cuda": torch.version.cuda, "driver": None}
+    props = torch.cuda.get_device_properties(0)
+    try:  # the driver version is not in torch's API; nvidia-smi ships with the driver
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout.split("\n")[0].strip() or None
+    except (OSError, subprocess.SubprocessError):
+        driver = None
+    return {
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "driver": driver,
     }
 
 

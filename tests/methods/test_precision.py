@@ -28,12 +28,12 @@ def _bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def _digits(scenario: str):
+def _digits(scenario: str, **data):
     """The contract test's stream, shrunk: bf16 convolutions are slow on CPUs without bf16 instructions."""
-    return digits_stream(scenario, max_train_per_class=30, max_test_per_class=10)
+    return digits_stream(scenario, max_train_per_class=30, max_test_per_class=10, **data)
 
 
-def _model_and_stream(cls, options):
+def _model_and_stream(cls, options, **data):
     scenario = "task" if issubclass(cls, TaskMaskedModule) else "class"
     kwargs = {"memory_budget": 60} if "memory_budget" in inspect.signature(cls).parameters else {}
     kwargs.update(options)
@@ -41,7 +41,7 @@ def _model_and_stream(cls, options):
     model = cls(
         backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=epochs, lr=0.02, milestones=[]), **kwargs
     )
-    return model, _digits(scenario)
+    return model, _digits(scenario, **data)
 
 
 def _run_bf16(cls, options, root):
