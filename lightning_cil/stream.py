@@ -16,7 +16,6 @@ the same command line (torchrun ``--max-restarts``, a requeued SLURM job) goes o
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, 
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from lightning_cil.data.datamodule import TaskStreamDataModule, _base_seed
+from lightning_cil.data.datamodule import TaskStreamDataModule
 from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule
 from lightning_cil.metrics import AccuracyMatrix
+from lightning_cil.seeding import TASK_START, TRAIN_EPOCH, reseed
 
 __all__ = ["LAST", "StreamCallback", "TaskStream", "last_checkpoint", "run_stream"]
 
@@ -46,17 +46,6 @@ class _ResumePoint:
     task: int
     task_completed: bool
     callback_states: dict[str, Any]
-
-
-def _reseed(*parts: int) -> None:
-    """Seed every RNG from (run seed, what, which): randomness then depends on the position in the
-    stream, not on what ran before in this process, so a resumed run draws what an uninterrupted one did."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part)) % (2**32)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @rank_zero_only
@@ -98,7 +87,7 @@ class TaskStream(Callback):
     # ------------------------------------------------------------------ callback hooks and state
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        _reseed(_base_seed(), 2, trainer.current_epoch)
+        reseed(TRAIN_EPOCH, trainer.current_epoch)
         bar = trainer.progress_bar_callback
         if isinstance(bar, TQDMProgressBar) and bar.is_enabled and bar._train_progress_bar is not None:
             task = getattr(pl_module, "task_index", 0)
@@ -177,7 +166,7 @@ class TaskStream(Callback):
             datamodule.set_task(task)
             restoring = resume is not None and task == resume.task
             if not restoring:
-                _reseed(_base_seed(), 1, task)
+                reseed(TASK_START, task)
                 model.on_task_start(info)
             trainer.fit_loop.max_epochs = int(cumulative[task])
             if not restoring:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning as L
@@ -20,7 +19,7 @@ from lightning_cil.data.datasets import (
     default_in_memory,
     load_dataset,
 )
-from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler, augmentation_seed
+from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler
 from lightning_cil.data.scenario import (
     DEFAULT_CLASS_ORDER_SEED,
     Scenario,
@@ -30,6 +29,7 @@ from lightning_cil.data.scenario import (
     split_classes,
 )
 from lightning_cil.data.transforms import DEFAULT_PRESET, build_transforms
+from lightning_cil.seeding import batch_augmentation_seed, run_seed, seed_sample
 
 __all__ = ["TaskDataset", "TaskStreamDataModule"]
 
@@ -50,7 +50,7 @@ class TaskDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
         if isinstance(key, tuple):  # (position, augmentation seed) from SeededShuffleSampler
             key, seed = key
-            torch.default_generator.manual_seed(seed)
+            seed_sample(seed)
         j = int(self.indices[key])
         return self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
 
@@ -369,7 +369,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         world, rank = self._world()
         # A seeded distributed sampler even on one process: order and augmentations of epoch e are a
         # function of (seed, e), so a resumed run draws the same batches as an uninterrupted one.
-        sampler = SeededShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=_base_seed())
+        sampler = SeededShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run_seed())
         if self.trainer is not None:
             # Lightning (2.5.3+, issue #21938) creates the loader's iterator before it sets the sampler's epoch;
             # loader workers prefetch at once, so a resumed run would redo epoch 0's order and augmentations.
@@ -406,7 +406,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         key = (str(device), epoch)
         if self._augmentation_generator is None or self._augmentation_generator[0] != key:
             _, rank = self._world()
-            seed = augmentation_seed(_base_seed(), epoch, -1 - rank)  # negative "index": apart from sample seeds
+            seed = batch_augmentation_seed(epoch, rank)
             self._augmentation_generator = (key, torch.Generator(device=device).manual_seed(seed))
         return self._augmentation_generator[1]
 
@@ -420,10 +420,6 @@ class TaskStreamDataModule(L.LightningDataModule):
                 f"the checkpoint is at task {task} but this data configuration has only {self.num_tasks} tasks."
             )
         self.current_task = task
-
-
-def _base_seed() -> int:
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _keep_uint8(image: Tensor) -> Tensor:
