@@ -31,12 +31,11 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_cil.data.datamodule import TaskStreamDataModule
 from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule
-from lightning_cil.metrics import AccuracyMatrix
+from lightning_cil.metrics import METRICS_FILE, AccuracyMatrix
 from lightning_cil.seeding import TASK_START, TRAIN_EPOCH, reseed
 
 __all__ = ["LAST", "StreamCallback", "TaskStream", "last_checkpoint", "run_stream"]
 
-METRICS_FILE = "metrics.json"
 #: the ``ckpt_path`` that resumes from the newest ``last.ckpt`` of the run (see :func:`last_checkpoint`)
 LAST = "last"
 
