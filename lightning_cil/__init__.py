@@ -7,50 +7,9 @@ files do not import torch, Lightning and every method.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from lightning_cil.data import TaskInfo, TaskStreamDataModule
-    from lightning_cil.methods import (
-        DER,
-        EWC,
-        WA,
-        BiC,
-        Finetune,
-        ICaRL,
-        IncrementalModule,
-        Joint,
-        LwF,
-        PackNet,
-        Piggyback,
-        TaskSchedule,
-    )
-    from lightning_cil.stream import TaskStream, run_stream
+from typing import Any
 
 __version__ = "0.1.0"
-
-#: public name -> the module that defines it
-_EXPORTS = {
-    **dict.fromkeys(("TaskInfo", "TaskStreamDataModule"), "lightning_cil.data"),
-    **dict.fromkeys(
-        (
-            "BiC",
-            "DER",
-            "EWC",
-            "Finetune",
-            "ICaRL",
-            "IncrementalModule",
-            "Joint",
-            "LwF",
-            "PackNet",
-            "Piggyback",
-            "TaskSchedule",
-            "WA",
-        ),
-        "lightning_cil.methods",
-    ),
-    **dict.fromkeys(("TaskStream", "run_stream"), "lightning_cil.stream"),
-}
 
 __all__ = [
     "BiC",
@@ -73,9 +32,18 @@ __all__ = [
 ]
 
 
+#: where each public name is defined (every other name of ``__all__`` comes from ``lightning_cil.methods``)
+_MODULE_OF = {
+    "TaskInfo": "lightning_cil.data",
+    "TaskStreamDataModule": "lightning_cil.data",
+    "TaskStream": "lightning_cil.stream",
+    "run_stream": "lightning_cil.stream",
+}
+
+
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
+    if name in __all__:
+        value = getattr(import_module(_MODULE_OF.get(name, "lightning_cil.methods")), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
