@@ -1,4 +1,5 @@
-"""The ``lightning-cil`` command: LightningCLI whose ``fit`` runs a whole task stream.
+"""The ``lightning-cil`` command: ``report`` reads run files; everything else is ``LightningCILCLI``
+(``lightning_cli.py``, imported only then), whose ``fit`` runs a whole task stream.
 
 lightning-cil fit --config configs/quickstart.yaml
 lightning-cil fit --config configs/finetune_cifar10.yaml --model.init_args.schedule.epochs 2
