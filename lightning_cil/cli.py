@@ -1,4 +1,5 @@
-"""The ``lightning-cil`` command: LightningCLI whose ``fit`` runs a whole task stream.
+"""The ``lightning-cil`` command: ``report`` reads run files; everything else is ``LightningCILCLI``
+(``lightning_cli.py``, imported only then), whose ``fit`` runs a whole task stream.
 
 lightning-cil fit --config configs/quickstart.yaml
 lightning-cil fit --config configs/finetune_cifar10.yaml --model.init_args.schedule.epochs 2
@@ -14,82 +15,7 @@ import sys
 import traceback
 from typing import Any
 
-from lightning import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
-
-from lightning_cil import report
-from lightning_cil.callbacks import SaveConfigToWandb, WandbDashboard, wandb_loggers
-from lightning_cil.data import TaskStreamDataModule
-from lightning_cil.methods import IncrementalModule
-from lightning_cil.stream import run_stream
-
-__all__ = ["LightningCILCLI", "main"]
-
-#: seed of every run that does not set one: CIL results are compared across methods on the same seed
-DEFAULT_SEED = 1993
-
-
-class LightningCILCLI(LightningCLI):
-    """LightningCLI for task streams. Only ``fit`` differs from Lightning's: it loops over the tasks."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("save_config_callback", SaveConfigToWandb)
-        # CSV is the embedded default logger (no extra dependency, readable by `report` and pandas);
-        # TensorBoard and W&B are one `trainer.logger` entry away.
-        kwargs.setdefault(
-            "trainer_defaults",
-            {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}},
-        )
-        super().__init__(IncrementalModule, TaskStreamDataModule, *args, **kwargs)
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Lightning's trainer, plus the stream's W&B dashboard whenever a WandbLogger is configured."""
-        trainer = super().instantiate_trainer(**kwargs)
-        if wandb_loggers(trainer) and not any(isinstance(c, WandbDashboard) for c in trainer.callbacks):
-            trainer.callbacks.append(WandbDashboard())
-        return trainer
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_channels", "model.init_args.in_channels", apply_on="instantiate")
-
-    def before_fit(self) -> None:
-        max_epochs = self.config[self.subcommand].trainer.get("max_epochs")
-        if max_epochs is not None:
-            raise ValueError(
-                f"trainer.max_epochs={max_epochs} has no effect on a task stream: epochs are set per task by "
-                f"model.init_args.schedule.epochs and model.init_args.first_task.epochs."
-            )
-
-    def fit(self, model: IncrementalModule, datamodule: TaskStreamDataModule, ckpt_path: str | None = None, **_: Any):
-        """Train every task of the stream (``trainer.fit`` once per task), evaluating after each.
-
-        ``ckpt_path`` resumes from a checkpoint of the stream; ``"last"`` from the newest ``last.ckpt`` of this run,
-        or from the start if there is none (for jobs that a launcher restarts with the same command line).
-        """
-        return run_stream(self.trainer, model, datamodule, ckpt_path)
-
-    def after_validate(self) -> None:
-        self._print_evaluation()
-
-    def after_test(self) -> None:
-        self._print_evaluation()
-
-    @rank_zero_only
-    def _print_evaluation(self) -> None:
-        model = self.model
-        for name, counts in model.last_evaluation.items():
-            seen = model.task_index + 1
-            correct, total = counts["correct"][:seen], counts["total"][:seen]
-            per_task = " ".join(f"{100 * c / max(t, 1):.2f}" for c, t in zip(correct, total))
-            print(
-                f"Evaluation after task {model.task_index + 1}/{model.num_tasks} ({name}): accuracy on seen classes "
-                f"{100 * sum(correct) / max(sum(total), 1):.2f}% | per task: {per_task}",
-                flush=True,
-            )
+__all__ = ["main"]
 
 
 def _is_configuration_error(error: BaseException) -> bool:
@@ -106,14 +32,27 @@ def main(args: Any = None) -> None:
     argv = sys.argv[1:] if args is None else args
     try:
         if isinstance(argv, (list, tuple)) and argv[:1] == ["report"]:
+            from lightning_cil import report  # reads run files only: no torch, no Lightning
+
             report.main(argv[1:])
         else:
+            from lightning_cil.lightning_cli import LightningCILCLI
+
             LightningCILCLI(args=args)
     except Exception as error:
         if not _is_configuration_error(error) or os.environ.get("LIGHTNING_CIL_TRACEBACK"):
             raise
         print(f"lightning-cil: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def __getattr__(name: str) -> Any:
+    """``LightningCILCLI`` and ``DEFAULT_SEED`` import Lightning: loaded on first use, not by ``main``."""
+    if name in ("LightningCILCLI", "DEFAULT_SEED"):
+        from lightning_cil import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ lightning-cil report runs/finetune/version_0 runs/icarl/version_0 --out reports/
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_cil.metrics import AccuracyMatrix, forgetting_per_task
+from lightning_cil.metrics import AccuracyMatrix, forgetting_per_task, read_metrics
 from lightning_cil.plots import (
     AccuracyCurve,
     accuracy_curves_figure,
@@ -26,7 +25,6 @@ from lightning_cil.plots import (
     forgetting_figure,
     save_png,
 )
-from lightning_cil.stream import METRICS_FILE
 
 __all__ = ["RunResult", "load_run", "main", "write_report"]
 
@@ -67,27 +65,9 @@ def load_run(run_dir: str | Path) -> RunResult:
         FileNotFoundError: there is no metrics.json there.
         ValueError: the file is not a lightning_cil metrics.json with at least one finished task.
     """
-    path = Path(run_dir)
-    file = path if path.is_file() else path / METRICS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist.")
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{str(run_dir)!r} has no {METRICS_FILE}: give the folder of a run (the one holding checkpoints/, "
-            f"e.g. runs/quickstart/version_0); the file appears there after the first task."
-        )
-    try:
-        metrics = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file} is not valid JSON ({error}).") from None
-    required = ("method", "primary_scorer", "summary", "scorers", "tasks")
-    missing = [key for key in required if key not in metrics] if isinstance(metrics, dict) else list(required)
-    if missing:
-        raise ValueError(f"{file} is not a lightning_cil {METRICS_FILE} (it lacks {', '.join(missing)}).")
-    if not metrics["tasks"]:
-        raise ValueError(f"{file} records no finished task yet.")
+    metrics = read_metrics(run_dir)
     matrix = AccuracyMatrix.from_json(metrics["scorers"][metrics["primary_scorer"]])
-    return RunResult(path, metrics, matrix)
+    return RunResult(Path(run_dir), metrics, matrix)
 
 
 def _labels(runs: Sequence[RunResult]) -> list[str]:

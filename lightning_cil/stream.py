@@ -16,7 +16,6 @@ the same command line (torchrun ``--max-restarts``, a requeued SLURM job) goes o
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, 
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from lightning_cil.data.datamodule import TaskStreamDataModule, _base_seed
+from lightning_cil.data.datamodule import TaskStreamDataModule
+from lightning_cil.data.scenario import TaskInfo
+from lightning_cil.data.task_data import TaskData, TrainingPlan
 from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule
-from lightning_cil.metrics import AccuracyMatrix
+from lightning_cil.metrics import METRICS_FILE, AccuracyMatrix
+from lightning_cil.seeding import TASK_START, TRAIN_EPOCH, reseed
 
 __all__ = ["LAST", "StreamCallback", "TaskStream", "last_checkpoint", "run_stream"]
 
-METRICS_FILE = "metrics.json"
 #: the ``ckpt_path`` that resumes from the newest ``last.ckpt`` of the run (see :func:`last_checkpoint`)
 LAST = "last"
 
@@ -46,17 +47,6 @@ class _ResumePoint:
     task: int
     task_completed: bool
     callback_states: dict[str, Any]
-
-
-def _reseed(*parts: int) -> None:
-    """Seed every RNG from (run seed, what, which): randomness then depends on the position in the
-    stream, not on what ran before in this process, so a resumed run draws what an uninterrupted one did."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part)) % (2**32)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @rank_zero_only
@@ -98,13 +88,23 @@ class TaskStream(Callback):
     # ------------------------------------------------------------------ callback hooks and state
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        _reseed(_base_seed(), 2, trainer.current_epoch)
+        reseed(TRAIN_EPOCH, trainer.current_epoch)
         bar = trainer.progress_bar_callback
         if isinstance(bar, TQDMProgressBar) and bar.is_enabled and bar._train_progress_bar is not None:
             task = getattr(pl_module, "task_index", 0)
             bar.train_progress_bar.set_description(
                 f"Task {task + 1}/{len(self.epoch_budget)} · Epoch {trainer.current_epoch}"
             )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Tell the data module what this fit trains on, as the method asks (once per fit). Lightning calls this
+        after a resumed fit has restored the method's checkpoint (its memory) and before it builds the loaders."""
+        datamodule = trainer.datamodule
+        if isinstance(datamodule, TaskStreamDataModule) and isinstance(pl_module, IncrementalModule):
+            plan = TrainingPlan(
+                pl_module.exemplar_indices(), pl_module.held_out_indices(), pl_module.trains_on_all_seen_tasks
+            )
+            datamodule.train_on(plan)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -175,9 +175,10 @@ class TaskStream(Callback):
         for task in range(resume.task if resume else 0, num_tasks):
             info = datamodule.task_info(task)
             datamodule.set_task(task)
+            model.task_data = TaskData(info, datamodule, trainer.strategy)
             restoring = resume is not None and task == resume.task
             if not restoring:
-                _reseed(_base_seed(), 1, task)
+                reseed(TASK_START, task)
                 model.on_task_start(info)
             trainer.fit_loop.max_epochs = int(cumulative[task])
             if not restoring:
@@ -191,7 +192,7 @@ class TaskStream(Callback):
                 continue
             train_seconds = time.perf_counter() - started
             model.on_task_end(info)
-            self._evaluate(trainer, model, datamodule, task, train_seconds)
+            self._evaluate(trainer, model, datamodule, info, train_seconds)
             self.completed_task = task
             self._save_task_checkpoint(trainer, task)
         primary = model.scorers[0]
@@ -240,8 +241,14 @@ class TaskStream(Callback):
         return _ResumePoint(task, int(state["completed_task"]) >= task, checkpoint["callbacks"])
 
     def _evaluate(
-        self, trainer: Trainer, model: IncrementalModule, datamodule: TaskStreamDataModule, task: int, seconds: float
+        self,
+        trainer: Trainer,
+        model: IncrementalModule,
+        datamodule: TaskStreamDataModule,
+        info: TaskInfo,
+        seconds: float,
     ) -> None:
+        task = info.index
         trainer.test(model, datamodule=datamodule, verbose=False)
         for name, counts in model.last_evaluation.items():
             self.matrices[name].record(task, counts["correct"], counts["correct_top5"], counts["total"])
@@ -249,15 +256,15 @@ class TaskStream(Callback):
         matrix = self.matrices[primary]
         entry = {
             "task": task,
-            "classes_seen": datamodule.task_info(task).num_seen_classes,
+            "classes_seen": info.num_seen_classes,
             "num_parameters": model.num_parameters(),
             "train_seconds": round(seconds, 3),
             "epochs": self.epoch_budget[task],
             **{f"{name}_accuracy_seen": round(100 * float(m.seen[task]), 4) for name, m in self.matrices.items()},
         }
-        exemplars = model.exemplar_indices()
-        if exemplars is not None:
-            entry["memory_size"] = len(exemplars)
+        memory_size = model.memory_size()
+        if memory_size is not None:
+            entry["memory_size"] = memory_size
         self.history.append(entry)
         stream_metrics = {
             "task": float(task),

@@ -1,7 +1,10 @@
 """`lightning-cil report`: PNG figures and a markdown table whose numbers are those of each run's metrics.json."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,33 @@ def test_bad_run_folder_is_one_clear_line_and_exit_code_2(tmp_path, capsys, make
     assert len(err.splitlines()) == 1 and err.startswith("lightning-cil: error: "), err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def _heavy(modules: list[str]) -> list[str]:
+    """Lightning, pytorch_lightning, torch.nn (and so any model code) among ``modules``."""
+    return sorted(m for m in modules if m.split(".")[0] in ("lightning", "pytorch_lightning") or "torch.nn" in m)
+
+
+def test_report_imports_neither_lightning_nor_torch_nn(tmp_path):
+    """The offline report reads JSON only: it must start without the training stack (which takes seconds)."""
+    run = _write_metrics(tmp_path / "run" / "version_0", "Toy", [[0.9], [0.5, 0.8]], num_tasks=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # what `python -m lightning_cil report` imports, as `-X importtime` lists it
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "lightning_cil", "report", str(run), "--out", str(tmp_path / "a")],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = [line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert "lightning_cil.report" in imported and _heavy(imported) == []
+    # what the `lightning-cil` console script (pyproject's entry point) has in sys.modules after a report
+    module, function = re.search(r'^lightning-cil = "(.+):(.+)"', (REPO / "pyproject.toml").read_text(), re.M).groups()
+    probe = (
+        f"import importlib, json, sys; sys.argv = ['lightning-cil', 'report', {str(run)!r}, '--out', "
+        f"{str(tmp_path / 'b')!r}]; getattr(importlib.import_module({module!r}), {function!r})(); "
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    modules = json.loads(out.stdout.splitlines()[-1])
+    assert "lightning_cil.report" in modules and _heavy(modules) == []

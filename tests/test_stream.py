@@ -11,7 +11,7 @@ from conftest import make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_cil import DER, Finetune, Joint, TaskSchedule, TaskStreamDataModule, run_stream
+from lightning_cil import DER, Finetune, ICaRL, Joint, TaskSchedule, TaskStreamDataModule, run_stream
 from lightning_cil.stream import last_checkpoint
 
 
@@ -237,3 +237,18 @@ def test_domain_incremental_stream_on_pacs(pacs_root, tmp_path):
     assert [t["classes_seen"] for t in metrics["tasks"]] == [7, 7, 7] and model.head.out_features == 7
     assert metrics["stream"]["domains"] == ["photo", "cartoon", "sketch"]
     assert all(v is not None for v in metrics["scorers"]["cnn"]["accuracy_matrix"][2])
+
+
+def test_the_stream_asks_for_exemplars_once_per_task_and_records_the_memory_size(tmp_path):
+    """The stream brokers the memory: one question per fit (the data module trains on the answer)."""
+    asked = []
+
+    class CountingICaRL(ICaRL):
+        def exemplar_indices(self):
+            asked.append(self.task_index)
+            return super().exemplar_indices()
+
+    schedule = TaskSchedule(epochs=1, lr=0.02, milestones=[])
+    model = _run(tmp_path, method=lambda: CountingICaRL("resnet20", 1, schedule, memory_budget=30))
+    assert asked == [0, 1, 2]
+    assert [t["memory_size"] for t in _metrics(tmp_path)["tasks"]] == [30, 30, 30] == [len(model.memory)] * 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning as L
@@ -20,16 +19,18 @@ from lightning_cil.data.datasets import (
     default_in_memory,
     load_dataset,
 )
-from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler, augmentation_seed
+from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler
 from lightning_cil.data.scenario import (
     DEFAULT_CLASS_ORDER_SEED,
     Scenario,
+    StreamLayout,
     TaskInfo,
+    build_layout,
     parse_protocol,
-    resolve_class_order,
-    split_classes,
 )
+from lightning_cil.data.task_data import TrainingPlan
 from lightning_cil.data.transforms import DEFAULT_PRESET, build_transforms
+from lightning_cil.seeding import batch_augmentation_seed, run_seed, seed_sample
 
 __all__ = ["TaskDataset", "TaskStreamDataModule"]
 
@@ -50,7 +51,7 @@ class TaskDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
         if isinstance(key, tuple):  # (position, augmentation seed) from SeededShuffleSampler
             key, seed = key
-            torch.default_generator.manual_seed(seed)
+            seed_sample(seed)
         j = int(self.indices[key])
         return self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
 
@@ -58,9 +59,9 @@ class TaskDataset(Dataset):
 class TaskStreamDataModule(L.LightningDataModule):
     """Feeds a class-, task- or domain-incremental stream, one task at a time.
 
-    The stream runner calls :meth:`set_task` before each task's fit; the loaders then serve that
-    task's training data (plus the method's exemplars, see ``exemplar_indices`` on the module) and the
-    test data of every task seen so far, each batch as ``(images, labels, task_ids)``.
+    The stream calls :meth:`set_task` before each task's fit and :meth:`train_on` at its start; the loaders then
+    serve that task's training data (plus what the plan adds, e.g. a method's exemplars, minus what it excludes)
+    and the test data of every task seen so far, each batch as ``(images, labels, task_ids)``.
 
     Args:
         dataset: one of ``digits``, ``cifar10``, ``cifar100``, ``imagenet100``, ``imagenet1000``,
@@ -159,7 +160,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         self._augmentation_generator: tuple[tuple[str, int], torch.Generator] | None = None
         self.current_task = -1
         self._splits: DatasetSplits | None = None
-        self._task_classes: list[list[int]] = []
+        self._layout: StreamLayout | None = None
+        self._plan = TrainingPlan()
 
     # ------------------------------------------------------------------ the stream definition
 
@@ -175,58 +177,39 @@ class TaskStreamDataModule(L.LightningDataModule):
         keep_in_memory = default_in_memory(hp.dataset) if hp.in_memory is None else hp.in_memory
         if keep_in_memory:
             train, test = train.decoded(), test.decoded()
-        self.class_order = self._resolve_order(splits)
-        self._task_classes, self._label_of_target, self._domain_offset = self._split_tasks(splits)
+        layout = self._layout = build_layout(
+            hp.scenario,
+            splits.class_names,
+            len(splits.domain_names),
+            hp.protocol,
+            hp.initial_classes,
+            hp.increment,
+            hp.class_order,
+            hp.class_order_seed,
+            dataset=hp.dataset,
+        )
+        self.class_order = list(layout.class_order)
+        self._label_of_target = torch.tensor(layout.label_of_target, dtype=torch.long)
         self._splits = DatasetSplits(train, test, splits.class_names, splits.domain_names, splits.info)
         self._train_labels, self._train_tasks = self._labels_and_tasks(train)
         self._test_labels, self._test_tasks = self._labels_and_tasks(test)
 
-    def _resolve_order(self, splits: DatasetSplits) -> list[int]:
-        hp = self.hparams
-        if hp.scenario == "domain" or (hp.scenario == "task" and len(splits.domain_names) > 1):
-            return list(range(len(splits.class_names)))
-        return resolve_class_order(splits.class_names, hp.class_order, hp.class_order_seed)
-
-    def _split_tasks(self, splits: DatasetSplits) -> tuple[list[list[int]], Tensor, int]:
-        hp = self.hparams
-        num_classes, num_domains = len(splits.class_names), len(splits.domain_names)
-        label_of_target = torch.empty(num_classes, dtype=torch.long)
-        label_of_target[torch.tensor(self.class_order)] = torch.arange(num_classes)
-        by_domain = hp.scenario == "domain" or (hp.scenario == "task" and num_domains > 1)
-        if by_domain:
-            if num_domains < 2:
-                raise ValueError(
-                    f"scenario={hp.scenario!r} with one task per domain needs a dataset with several domains "
-                    f"(dataset='domains'); {hp.dataset!r} has one."
-                )
-            if hp.protocol is not None or hp.initial_classes is not None or hp.increment is not None:
-                raise ValueError(
-                    "protocol/initial_classes/increment cut classes into tasks; a stream of domains has one task "
-                    "per domain (choose the domains and their order with data.domains)."
-                )
-            offset = num_classes if hp.scenario == "task" else 0
-            tasks = [[d * offset + c for c in range(num_classes)] for d in range(num_domains)]
-            return tasks, label_of_target, offset
-        if hp.protocol is not None:
-            initial, increment = parse_protocol(hp.protocol, num_classes)
-        elif hp.initial_classes is None and hp.increment is None:
-            raise ValueError("set data.protocol (e.g. B0_Inc10) or data.initial_classes and data.increment.")
-        else:
-            increment = hp.increment if hp.increment is not None else hp.initial_classes
-            initial = hp.initial_classes if hp.initial_classes is not None else increment
-            if isinstance(initial, list):
-                raise ValueError("initial_classes must be one number.")
-        return split_classes(num_classes, int(initial), increment), label_of_target, 0
-
     def _labels_and_tasks(self, split: ImageSplit) -> tuple[Tensor, Tensor]:
-        if self._domain_offset or self.hparams.scenario == "domain":
-            labels = split.groups * self._domain_offset + split.targets
+        """Stream label and task of every sample of ``split`` (called while the layout is being set up)."""
+        layout = self._layout
+        assert layout is not None
+        if layout.by_domain:
+            labels = split.groups * layout.domain_offset + split.targets
             return labels, split.groups.clone()
         labels = self._label_of_target[split.targets]
-        task_of_label = torch.empty(self.num_classes, dtype=torch.long)
-        for t, classes in enumerate(self._task_classes):
-            task_of_label[torch.tensor(classes)] = t
-        return labels, task_of_label[labels]
+        return labels, torch.tensor(layout.task_of_label, dtype=torch.long)[labels]
+
+    @property
+    def layout(self) -> StreamLayout:
+        """The stream's class order, tasks and label <-> task maps, built once."""
+        self.prepare_stream()
+        assert self._layout is not None
+        return self._layout
 
     @property
     def splits(self) -> DatasetSplits:
@@ -237,47 +220,39 @@ class TaskStreamDataModule(L.LightningDataModule):
     @property
     def num_tasks(self) -> int:
         self.prepare_stream()
-        return len(self._task_classes)
+        return self.layout.num_tasks
 
     @property
     def num_classes(self) -> int:
         """Size of the label space over the whole stream."""
-        return max(max(c) for c in self._task_classes) + 1
+        self.prepare_stream()
+        return self.layout.num_classes
 
     @property
     def class_names(self) -> list[str]:
         """Names of the stream labels, in label order."""
         names = self.splits.class_names
-        if self._domain_offset:
+        if self.layout.domain_offset:
             return [f"{d}/{names[c]}" for d in self.splits.domain_names for c in range(len(names))]
         return [names[c] for c in self.class_order]
 
     def task_classes(self, task: int) -> list[int]:
         self.prepare_stream()
-        return list(self._task_classes[task])
+        return list(self.layout.task_classes[task])
 
     def task_info(self, task: int) -> TaskInfo:
         self.prepare_stream()
-        if not 0 <= task < self.num_tasks:
-            raise IndexError(f"task {task} is outside this stream's tasks 0..{self.num_tasks - 1}.")
-        seen = sorted({c for t in range(task + 1) for c in self._task_classes[t]})
-        label_task = [0] * (max(seen) + 1)
-        for t in range(task + 1):
-            for c in self._task_classes[t]:
-                label_task[c] = t
-        return TaskInfo(
-            index=task,
-            num_tasks=self.num_tasks,
-            new_classes=tuple(self._task_classes[task]),
-            num_seen_classes=max(seen) + 1,
-            num_total_classes=self.num_classes,
-            scenario=self.hparams.scenario,
-            label_task=tuple(label_task),
-        )
+        return self.layout.task_info(task)
 
     def set_task(self, task: int) -> None:
+        """Select ``task``; until :meth:`train_on` says otherwise, its fit trains on its own samples only."""
         self.task_info(task)  # validates the index
         self.current_task = task
+        self._plan = TrainingPlan()
+
+    def train_on(self, plan: TrainingPlan) -> None:
+        """What the current task's fit trains on besides its own samples (the stream sets it at each fit start)."""
+        self._plan = plan
 
     def describe(self) -> dict[str, Any]:
         """What defines this stream, recorded with the run and checked when a checkpoint is resumed."""
@@ -287,7 +262,7 @@ class TaskStreamDataModule(L.LightningDataModule):
             "scenario": self.hparams.scenario,
             "class_order": list(self.class_order),
             "class_names": self.class_names,
-            "task_classes": [list(c) for c in self._task_classes],
+            "task_classes": [list(c) for c in self.layout.task_classes],
             "train_samples": len(self.splits.train),
             "test_samples": len(self.splits.test),
             **self.splits.info,
@@ -359,17 +334,14 @@ class TaskStreamDataModule(L.LightningDataModule):
         return self.trainer.world_size, self.trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        extra = module.exemplar_indices() if module is not None and hasattr(module, "exemplar_indices") else None
-        all_seen = bool(getattr(module, "trains_on_all_seen_tasks", False))
-        held_out = module.held_out_indices() if module is not None and hasattr(module, "held_out_indices") else None
-        dataset = self.train_dataset(extra, all_seen=all_seen, exclude=held_out)
+        plan = self._plan
+        dataset = self.train_dataset(plan.extra, all_seen=plan.all_seen, exclude=plan.exclude)
         if self.batch_augmentation is not None:
             dataset.transform = _keep_uint8  # augmented on the device, in on_after_batch_transfer
         world, rank = self._world()
         # A seeded distributed sampler even on one process: order and augmentations of epoch e are a
         # function of (seed, e), so a resumed run draws the same batches as an uninterrupted one.
-        sampler = SeededShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=_base_seed())
+        sampler = SeededShuffleSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run_seed())
         if self.trainer is not None:
             # Lightning (2.5.3+, issue #21938) creates the loader's iterator before it sets the sampler's epoch;
             # loader workers prefetch at once, so a resumed run would redo epoch 0's order and augmentations.
@@ -406,7 +378,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         key = (str(device), epoch)
         if self._augmentation_generator is None or self._augmentation_generator[0] != key:
             _, rank = self._world()
-            seed = augmentation_seed(_base_seed(), epoch, -1 - rank)  # negative "index": apart from sample seeds
+            seed = batch_augmentation_seed(epoch, rank)
             self._augmentation_generator = (key, torch.Generator(device=device).manual_seed(seed))
         return self._augmentation_generator[1]
 
@@ -420,10 +392,6 @@ class TaskStreamDataModule(L.LightningDataModule):
                 f"the checkpoint is at task {task} but this data configuration has only {self.num_tasks} tasks."
             )
         self.current_task = task
-
-
-def _base_seed() -> int:
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _keep_uint8(image: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 from torch.utils.data import Dataset, DistributedSampler
 
+from lightning_cil.seeding import augmentation_seed
+
 __all__ = ["SeededShuffleSampler", "ShardedEvalSampler", "augmentation_seed"]
 
 
@@ -27,11 +29,6 @@ class ShardedEvalSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
-
-
-def augmentation_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that is a function of (run seed, epoch, sample) only."""
-    return ((seed * 1_000_003 + epoch) * 2_654_435_761 + index) % (2**63 - 1)
 
 
 class SeededShuffleSampler(DistributedSampler):

@@ -16,7 +16,9 @@ import numpy as np
 __all__ = [
     "PROTOCOLS",
     "Scenario",
+    "StreamLayout",
     "TaskInfo",
+    "build_layout",
     "parse_protocol",
     "resolve_class_order",
     "split_classes",
@@ -59,6 +61,12 @@ class TaskInfo:
     scenario: Scenario = "class"
     #: Task of every label seen so far (label -> task); used to score task-incremental streams.
     label_task: tuple[int, ...] = field(default=())
+
+    @property
+    def num_old_classes(self) -> int:
+        """Seen labels that this task does not bring: in a class-incremental stream the labels of earlier tasks,
+        ``new_classes`` starting right after them; 0 in a domain-incremental one (every task brings every label)."""
+        return self.num_seen_classes - len(self.new_classes)
 
     @property
     def is_first(self) -> bool:
@@ -155,3 +163,120 @@ def resolve_class_order(
             f"{[class_names[c] for c in missing][:20]}."
         )
     return order
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """The shape of a stream, fixed once the dataset's classes and the data settings are known.
+
+    Labels are positions in ``class_order``; in a task-incremental stream of domains each domain has its own
+    labels, ``domain * domain_offset + class``. Everything a task needs (its :class:`TaskInfo`, the label <-> task
+    maps) is computed here once, not at every lookup.
+
+    Args:
+        scenario: ``class``, ``task`` or ``domain``.
+        class_order: the dataset class of every label position.
+        task_classes: the labels of every task.
+        domain_offset: labels per domain in a task stream of domains (0 otherwise).
+    """
+
+    scenario: Scenario
+    class_order: tuple[int, ...]
+    task_classes: tuple[tuple[int, ...], ...]
+    domain_offset: int = 0
+    #: the label of every dataset class (inverse of ``class_order``)
+    label_of_target: tuple[int, ...] = field(init=False)
+    #: the task of every label (in a domain-incremental stream, where every task has every label: the last)
+    task_of_label: tuple[int, ...] = field(init=False)
+    infos: tuple[TaskInfo, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        label_of_target = [0] * len(self.class_order)
+        for label, target in enumerate(self.class_order):
+            label_of_target[target] = label
+        task_of_label = [0] * self.num_classes
+        infos = []
+        for task, classes in enumerate(self.task_classes):
+            for label in classes:
+                task_of_label[label] = task
+            num_seen = max(max(c) for c in self.task_classes[: task + 1]) + 1
+            infos.append(
+                TaskInfo(
+                    index=task,
+                    num_tasks=self.num_tasks,
+                    new_classes=tuple(classes),
+                    num_seen_classes=num_seen,
+                    num_total_classes=self.num_classes,
+                    scenario=self.scenario,
+                    label_task=tuple(task_of_label[:num_seen]),
+                )
+            )
+        object.__setattr__(self, "label_of_target", tuple(label_of_target))
+        object.__setattr__(self, "task_of_label", tuple(task_of_label))
+        object.__setattr__(self, "infos", tuple(infos))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the label space over the whole stream."""
+        return max(max(c) for c in self.task_classes) + 1
+
+    @property
+    def by_domain(self) -> bool:
+        """One task per domain: a sample's task is its domain, not its label's task."""
+        return self.scenario == "domain" or self.domain_offset > 0
+
+    def task_info(self, task: int) -> TaskInfo:
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} is outside this stream's tasks 0..{self.num_tasks - 1}.")
+        return self.infos[task]
+
+
+def build_layout(
+    scenario: Scenario,
+    class_names: Sequence[str],
+    num_domains: int = 1,
+    protocol: str | None = None,
+    initial_classes: int | None = None,
+    increment: int | list[int] | None = None,
+    class_order: Sequence[int | str] | None = None,
+    class_order_seed: int | None = DEFAULT_CLASS_ORDER_SEED,
+    dataset: str = "the dataset",
+) -> StreamLayout:
+    """The layout of a stream over a dataset with ``class_names`` (and ``num_domains`` domains).
+
+    Raises ValueError on any bad combination of settings, naming it (``dataset``: the dataset's name there). A
+    task-incremental stream of several domains and a domain-incremental stream have one task per domain and keep
+    the dataset's class order.
+    """
+    num_classes = len(class_names)
+    by_domain = scenario == "domain" or (scenario == "task" and num_domains > 1)
+    if by_domain:
+        if num_domains < 2:
+            raise ValueError(
+                f"scenario={scenario!r} with one task per domain needs a dataset with several domains "
+                f"(dataset='domains'); {dataset!r} has one."
+            )
+        if protocol is not None or initial_classes is not None or increment is not None:
+            raise ValueError(
+                "protocol/initial_classes/increment cut classes into tasks; a stream of domains has one task "
+                "per domain (choose the domains and their order with data.domains)."
+            )
+        offset = num_classes if scenario == "task" else 0
+        tasks = [tuple(d * offset + c for c in range(num_classes)) for d in range(num_domains)]
+        return StreamLayout(scenario, tuple(range(num_classes)), tuple(tasks), offset)
+    order = resolve_class_order(class_names, class_order, class_order_seed)
+    if protocol is not None:
+        initial, step = parse_protocol(protocol, num_classes)
+    elif initial_classes is None and increment is None:
+        raise ValueError("set data.protocol (e.g. B0_Inc10) or data.initial_classes and data.increment.")
+    else:
+        step = increment if increment is not None else initial_classes
+        initial = initial_classes if initial_classes is not None else step
+        if isinstance(initial, list):
+            raise ValueError("initial_classes must be one number.")
+    tasks = split_classes(num_classes, int(initial), step)
+    return StreamLayout(scenario, tuple(order), tuple(tuple(c) for c in tasks))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -10,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_cil.data.memory import ExemplarMemory
-from lightning_cil.data.samplers import ShardedEvalSampler
 from lightning_cil.data.scenario import TaskInfo
+from lightning_cil.data.task_data import TaskData
 from lightning_cil.metrics import TaskAccuracy
 from lightning_cil.networks import IncrementalLinear, build_backbone
 from lightning_cil.precision import check_precision, full_precision
@@ -71,8 +69,9 @@ class IncrementalModule(LightningModule):
     The stream calls :meth:`on_task_start` before a task's fit and :meth:`on_task_end` after it; all
     structural change (growing, freezing, copying a teacher) happens there, never inside a fit, so a
     fresh DDP wrap and optimizer see it. Subclasses change the loss (:meth:`training_loss`), the
-    scores used at evaluation (:meth:`evaluation_scores`), or keep exemplars (:meth:`exemplar_indices`),
-    and record what they grew in :meth:`on_save_checkpoint` so :meth:`on_load_checkpoint` can rebuild it.
+    scores used at evaluation (:meth:`evaluation_scores`), or keep exemplars (``RehearsalModule``), and record
+    what they grew in :meth:`architecture` so :meth:`on_load_checkpoint` can rebuild it. Task hooks read the
+    stream's data through :attr:`task_data`, never through the trainer.
 
     Args:
         backbone: feature extractor name (see ``lightning_cil.networks.list_backbones()``).
@@ -109,6 +108,7 @@ class IncrementalModule(LightningModule):
         self.eval_metrics = nn.ModuleDict()
         #: per scorer, the counts of the last evaluation pass (read by the stream)
         self.last_evaluation: dict[str, dict[str, list[int]]] = {}
+        self._task_data: TaskData | None = None
 
     def _build_backbone(self, name: str, in_channels: int) -> nn.Module:
         """The feature extractor (methods that grow their own, like DER, override this)."""
@@ -127,8 +127,32 @@ class IncrementalModule(LightningModule):
     def on_task_end(self, task: TaskInfo) -> None:
         """Work after the task's epochs (memory, pruning, re-balancing). Nothing for plain training."""
 
+    @property
+    def task_data(self) -> TaskData:
+        """The current task's data (labels, subsets, sharded feature extraction), handed over by the stream before
+        :meth:`on_task_start` and kept until the next task starts."""
+        if self._task_data is None:
+            raise RuntimeError(
+                "no task data: the stream hands it over before on_task_start (run the model with run_stream or "
+                "`lightning-cil fit`)."
+            )
+        return self._task_data
+
+    @task_data.setter
+    def task_data(self, data: TaskData) -> None:
+        self._task_data = data
+
     def exemplar_indices(self) -> Tensor | None:
-        """Train-split indices the data module adds to the current task's data (rehearsal methods)."""
+        """Train-split indices the next fit adds to the current task's data (rehearsal methods). The stream asks
+        once per fit, at its start."""
+        return None
+
+    def held_out_indices(self) -> Tensor | None:
+        """Train-split samples the next fit leaves out of the task's data (e.g. BiC's bias-correction split)."""
+        return None
+
+    def memory_size(self) -> int | None:
+        """Exemplars kept after the task end (recorded with the task's results); None without a memory."""
         return None
 
     def schedule_for_task(self, task: int) -> TaskSchedule:
@@ -279,48 +303,21 @@ class IncrementalModule(LightningModule):
 
         Runs between fits (task ends), in eval mode, on the training device, in full precision even when
         autocast is on (herding, class means and DER's balancing read these features). Under DDP each rank
-        computes a shard and the shards are gathered, so every rank returns the identical tensor.
-        ``flip`` mirrors the images horizontally first (iCaRL's class means use both).
+        computes a shard and the shards are gathered (:meth:`TaskData.map`), so every rank returns the identical
+        tensor. ``flip`` mirrors the images horizontally first (iCaRL's class means use both).
         """
-        trainer = self.trainer
-        world, rank = trainer.world_size, trainer.global_rank
-        device = trainer.strategy.root_device
+        data = self.task_data
         was_training = self.training
         self.eval()
-        self.to(device)
-        workers = getattr(trainer.datamodule, "hparams", {}).get("num_workers", 0) if trainer.datamodule else 0
-        loader = DataLoader(dataset, batch_size, sampler=ShardedEvalSampler(dataset, world, rank), num_workers=workers)
-        parts = []
-        with full_precision(device.type):
-            for images, _, _ in loader:
-                images = images.to(device)
-                if flip:
-                    images = torch.flip(images, dims=[3])
-                parts.append(self.backbone(images).float())
-        local = torch.cat(parts) if parts else torch.zeros(0, self.backbone.out_dim, device=device)
-        self.train(was_training)
-        if world == 1:
-            return local.cpu()
-        n, per_rank = len(dataset), math.ceil(len(dataset) / world)
-        padded = torch.zeros(per_rank, local.shape[1], device=device)
-        padded[: len(local)] = local
-        gathered = trainer.strategy.all_gather(padded).cpu()  # [world, per_rank, d]
-        features = torch.empty(n, local.shape[1])
-        for r in range(world):
-            positions = torch.arange(r, n, world)
-            features[positions] = gathered[r, : len(positions)]
-        return features
+        self.to(data.device)
 
-    def update_memory(self, memory: ExemplarMemory, task: TaskInfo) -> None:
-        """Rehearsal step of a task end: shrink old classes to the new quota, then select exemplars for the new
-        classes from their training samples, on this module's current features (shared by rehearsal methods)."""
-        datamodule = self.trainer.datamodule
-        labels = datamodule.train_labels()
-        new = {}
-        for label in task.new_classes:
-            indices = torch.nonzero(labels == label).flatten()
-            new[label] = (indices, self.extract_features(datamodule.train_subset(indices)))
-        memory.update(range(task.num_seen_classes), new)
+        def features(images: Tensor) -> Tensor:
+            return self.backbone(torch.flip(images, dims=[3]) if flip else images).float()
+
+        with full_precision(data.device.type):
+            out = data.map(features, dataset, self.backbone.out_dim, batch_size)
+        self.train(was_training)
+        return out
 
     def num_parameters(self) -> int:
         """Parameters used at inference (a frozen teacher copy, if any, is not counted)."""

@@ -8,16 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_cil.data.memory import ExemplarMemory, Selection
+from lightning_cil.data.memory import Selection
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule
+from lightning_cil.methods.rehearsal import RehearsalModule
 from lightning_cil.precision import full_precision
 
 __all__ = ["BiC"]
 
 
-class BiC(DistillationModule):
+class BiC(RehearsalModule, DistillationModule):
     """BiC: rehearsal + distillation, then a two-parameter linear layer corrects the new classes' logits.
 
     - From the second task on, a held-out split is taken before training: ``val_ratio`` of each old class's
@@ -53,21 +54,17 @@ class BiC(DistillationModule):
         bias_epochs: int = 200,
         bias_lr: float = 0.1,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task)
+        super().__init__(backbone, in_channels, schedule, first_task, memory_budget, memory_per_class, selection)
         if not 0 < val_ratio < 1:
             raise ValueError(f"val_ratio={val_ratio} must be in (0, 1).")
-        self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
         self.register_buffer("held_out", torch.zeros(0, dtype=torch.long), persistent=False)
         #: per task: (first class, end class, alpha, beta) of its bias layer
         self.bias_layers: list[tuple[int, int, float, float]] = []
 
     # ------------------------------------------------------------------ data
 
-    def exemplar_indices(self) -> Tensor:
-        return self.memory.indices()
-
     def held_out_indices(self) -> Tensor:
-        """Train-split samples the data module must leave out of this task's training (stage 2's split)."""
+        """Train-split samples this task's fit leaves out (stage 2's split), as the stream tells the data module."""
         return self.held_out
 
     def on_task_start(self, task: TaskInfo) -> None:
@@ -78,7 +75,7 @@ class BiC(DistillationModule):
         generator = torch.Generator().manual_seed(7_919 * (task.index + 1))
         per_class = max(1, round(self.hparams.val_ratio * min(len(v) for v in self.memory.exemplars.values())))
         chosen = [members[:per_class] for members in self.memory.exemplars.values()]
-        labels = self.trainer.datamodule.train_labels()
+        labels = self.task_data.labels
         for label in task.new_classes:
             members = torch.nonzero(labels == label).flatten()
             chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
@@ -113,7 +110,7 @@ class BiC(DistillationModule):
         if self.num_old_classes:
             self._train_bias_layer(task)
         self.held_out = torch.zeros(0, dtype=torch.long)
-        self.update_memory(self.memory, task)
+        self.update_memory(task)
 
     @torch.enable_grad()
     def _train_bias_layer(self, task: TaskInfo) -> None:
@@ -122,10 +119,10 @@ class BiC(DistillationModule):
             self._fit_bias_layer(task)
 
     def _fit_bias_layer(self, task: TaskInfo) -> None:
-        datamodule = self.trainer.datamodule
-        device = self.trainer.strategy.root_device
-        features = self.extract_features(datamodule.train_subset(self.held_out)).to(device)
-        targets = datamodule.train_labels()[self.held_out].to(device)
+        data = self.task_data
+        device = data.device
+        features = self.extract_features(data.subset(self.held_out)).to(device)
+        targets = data.labels[self.held_out].to(device)
         with torch.no_grad():
             logits = self.correct(self.head(features))
         start, end = self.num_old_classes, task.num_seen_classes
@@ -145,7 +142,6 @@ class BiC(DistillationModule):
     def architecture(self) -> dict[str, Any]:
         return {
             **super().architecture(),
-            "memory": self.memory.state_dict(),
             "bias_layers": self.bias_layers,
             "held_out": self.held_out.tolist(),
         }
@@ -153,6 +149,5 @@ class BiC(DistillationModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         arch = checkpoint["lightning_cil"]
-        self.memory.load_state_dict(arch["memory"])
         self.bias_layers = [tuple(layer) for layer in arch["bias_layers"]]
         self.held_out = torch.tensor(arch["held_out"], dtype=torch.long)

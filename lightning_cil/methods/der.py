@@ -8,16 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_cil.data.memory import ExemplarMemory, Selection
+from lightning_cil.data.memory import Selection
 from lightning_cil.data.scenario import TaskInfo
-from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.methods.base import TaskSchedule
+from lightning_cil.methods.rehearsal import RehearsalModule
 from lightning_cil.networks import ExpandableBackbone, IncrementalLinear
 from lightning_cil.precision import full_precision
 
 __all__ = ["DER"]
 
 
-class DER(IncrementalModule):
+class DER(RehearsalModule):
     """DER: one new feature extractor per task, channel-pruned after its task (``prune: false`` is "DER w/o P").
 
     - At task t a new extractor F_t, initialised from F_{t-1}, joins the frozen F_1..F_{t-1} (weights and
@@ -88,7 +89,7 @@ class DER(IncrementalModule):
         mask_scale_max: float = 400.0,
         mask_scale_min: float = 1.0,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task)
+        super().__init__(backbone, in_channels, schedule, first_task, memory_budget, memory_per_class, selection)
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be positive.")
         if balance_epochs < 0:
@@ -100,7 +101,6 @@ class DER(IncrementalModule):
                 f"mask scales must satisfy 0 < mask_scale_min < mask_scale_max; got {mask_scale_min} and "
                 f"{mask_scale_max}."
             )
-        self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
         self.aux_head: nn.Linear | None = None
         self.num_old_classes = 0
         #: per finished task, the fraction of F_t's channels its masks kept (empty without pruning)
@@ -112,7 +112,7 @@ class DER(IncrementalModule):
     # ------------------------------------------------------------------ task hooks
 
     def on_task_start(self, task: TaskInfo) -> None:
-        self.num_old_classes = task.num_seen_classes - len(task.new_classes)
+        self.num_old_classes = task.num_old_classes
         if task.index > 0:
             self.backbone.expand()
             self.head.expand_inputs(self.backbone.out_dim)
@@ -126,10 +126,7 @@ class DER(IncrementalModule):
             self._prune_newest_extractor()
         if self.num_old_classes and self.hparams.balance_epochs:
             self._balance_classifier(task)
-        self.update_memory(self.memory, task)
-
-    def exemplar_indices(self) -> Tensor:
-        return self.memory.indices()
+        self.update_memory(task)
 
     # ------------------------------------------------------------------ training
 
@@ -188,16 +185,16 @@ class DER(IncrementalModule):
             self._train_balanced_head(task, device)
 
     def _train_balanced_head(self, task: TaskInfo, device: torch.device) -> None:
-        datamodule = self.trainer.datamodule
+        data = self.task_data
         per_class = max(len(v) for v in self.memory.exemplars.values())
-        labels = datamodule.train_labels()
+        labels = data.labels
         generator = torch.Generator().manual_seed(10_007 * (task.index + 1))
         new_samples = []
         for label in task.new_classes:
             members = torch.nonzero(labels == label).flatten()
             new_samples.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
         indices = torch.cat([self.memory.indices(), *new_samples])
-        features = self.extract_features(datamodule.train_subset(indices)).to(device)
+        features = self.extract_features(data.subset(indices)).to(device)
         targets = labels[indices].to(device)
 
         head = IncrementalLinear(self.backbone.out_dim, task.num_seen_classes).to(device)
@@ -229,7 +226,6 @@ class DER(IncrementalModule):
             "extractors": len(self.backbone.extractors),
             "aux_classes": 0 if self.aux_head is None else self.aux_head.out_features,
             "num_old_classes": self.num_old_classes,
-            "memory": self.memory.state_dict(),
             "kept_channels": [
                 None if kept is None else [k.tolist() for k in kept] for kept in self.backbone.kept_channels
             ],
@@ -247,7 +243,6 @@ class DER(IncrementalModule):
             self.aux_head = nn.Linear(self.backbone.newest_dim, arch["aux_classes"])
         self.num_old_classes = arch["num_old_classes"]
         super().on_load_checkpoint(checkpoint)
-        self.memory.load_state_dict(arch["memory"])
         self.pruning_history = list(arch.get("pruning_history", []))
 
     def num_parameters(self) -> int:

@@ -7,9 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from lightning_cil.data.samplers import ShardedEvalSampler
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
 from lightning_cil.precision import full_precision
@@ -56,7 +54,7 @@ class EWC(IncrementalModule):
         self.num_old_classes = 0
 
     def on_task_start(self, task: TaskInfo) -> None:
-        self.num_old_classes = task.num_seen_classes - len(task.new_classes)
+        self.num_old_classes = task.num_old_classes
         super().on_task_start(task)
 
     def training_loss(self, logits: Tensor, labels: Tensor, images: Tensor) -> Tensor:
@@ -95,11 +93,9 @@ class EWC(IncrementalModule):
 
         Computed in full precision even under autocast: squared fp16 gradients without a loss scale underflow.
         """
-        trainer, datamodule = self.trainer, self.trainer.datamodule
-        device = trainer.strategy.root_device
-        dataset = datamodule.train_dataset()
-        sampler = ShardedEvalSampler(dataset, trainer.world_size, trainer.global_rank)
-        loader = DataLoader(dataset, datamodule.hparams.batch_size, sampler=sampler)
+        trainer, data = self.trainer, self.task_data
+        device = data.device
+        loader = data.shard_loader(data.training_set(), data.batch_size)
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         was_training = self.training

@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_cil.data.memory import ExemplarMemory, Selection
+from lightning_cil.data.memory import Selection
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule, kd_loss
+from lightning_cil.methods.rehearsal import RehearsalModule
 
 __all__ = ["ICaRL"]
 
 
-class ICaRL(DistillationModule):
+class ICaRL(RehearsalModule, DistillationModule):
     """iCaRL: rehearsal with a herding-selected exemplar memory, distillation from the previous model, and
     a nearest-mean-of-exemplars (NME) classifier.
 
@@ -60,36 +61,32 @@ class ICaRL(DistillationModule):
         loss: Literal["bce", "kd"] = "bce",
         temperature: float = 2.0,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task)
+        super().__init__(backbone, in_channels, schedule, first_task, memory_budget, memory_per_class, selection)
         if loss not in ("bce", "kd"):
             raise ValueError(f"loss={loss!r} is unknown; choose 'bce' (iCaRL paper) or 'kd' (PyCIL).")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be positive.")
-        self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
         self.register_buffer("class_means", torch.zeros(0, self.backbone.out_dim))
 
     # ------------------------------------------------------------------ task hooks
 
     def on_task_end(self, task: TaskInfo) -> None:
-        self.update_memory(self.memory, task)
+        self.update_memory(task)
         self._compute_class_means(task.num_seen_classes)
 
     def _compute_class_means(self, num_classes: int) -> None:
-        datamodule = self.trainer.datamodule
+        data = self.task_data
         exemplars = self.memory.indices()
-        dataset = datamodule.train_subset(exemplars)
+        dataset = data.subset(exemplars)
         plain = F.normalize(self.extract_features(dataset), dim=1)
         flipped = F.normalize(self.extract_features(dataset, flip=True), dim=1)
-        owner = datamodule.train_labels()[exemplars]
+        owner = data.labels[exemplars]
         means = torch.zeros(num_classes, plain.shape[1])
         for label in range(num_classes):
             rows = owner == label
             if rows.any():
                 means[label] = (F.normalize(plain[rows].mean(0), dim=0) + F.normalize(flipped[rows].mean(0), dim=0)) / 2
         self.class_means = F.normalize(means, dim=1).to(self.class_means.device)
-
-    def exemplar_indices(self) -> Tensor:
-        return self.memory.indices()
 
     # ------------------------------------------------------------------ training and scoring
 
@@ -117,14 +114,9 @@ class ICaRL(DistillationModule):
     # ------------------------------------------------------------------ checkpoints
 
     def architecture(self) -> dict[str, Any]:
-        return {
-            **super().architecture(),
-            "class_means": list(self.class_means.shape),
-            "memory": self.memory.state_dict(),
-        }
+        return {**super().architecture(), "class_means": list(self.class_means.shape)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         arch = checkpoint["lightning_cil"]
         self.class_means = torch.zeros(*arch["class_means"])
-        self.memory.load_state_dict(arch["memory"])

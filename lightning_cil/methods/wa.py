@@ -7,16 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_cil.data.memory import ExemplarMemory, Selection
+from lightning_cil.data.memory import Selection
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule
+from lightning_cil.methods.rehearsal import RehearsalModule
 from lightning_cil.precision import full_precision
 
 __all__ = ["WA"]
 
 
-class WA(DistillationModule):
+class WA(RehearsalModule, DistillationModule):
     """WA: rehearsal + distillation, then the new classes' classifier weights are scaled to the old ones' norm.
 
     - Loss = (1 - lambda) CE over all seen classes + lambda KD(old logits, teacher, T), lambda = old / seen
@@ -44,12 +45,8 @@ class WA(DistillationModule):
         selection: Selection = "herding",
         temperature: float = 2.0,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task)
-        self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
+        super().__init__(backbone, in_channels, schedule, first_task, memory_budget, memory_per_class, selection)
         self.alignment: list[tuple[float, float, float]] = []
-
-    def exemplar_indices(self) -> Tensor:
-        return self.memory.indices()
 
     def training_loss(self, logits: Tensor, labels: Tensor, images: Tensor) -> Tensor:
         return self.weighted_distillation_loss(logits, labels, images, self.hparams.temperature)
@@ -58,7 +55,7 @@ class WA(DistillationModule):
         old = self.num_old_classes
         if old:
             self._align_weights(old)
-        self.update_memory(self.memory, task)
+        self.update_memory(task)
 
     @torch.no_grad()
     def _align_weights(self, old: int) -> None:
@@ -69,9 +66,8 @@ class WA(DistillationModule):
             self.alignment.append((old_norm, new_norm, self.head.weight[old:].norm(dim=1).mean().item()))
 
     def architecture(self) -> dict[str, Any]:
-        return {**super().architecture(), "memory": self.memory.state_dict(), "alignment": self.alignment}
+        return {**super().architecture(), "alignment": self.alignment}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.memory.load_state_dict(checkpoint["lightning_cil"]["memory"])
         self.alignment = [tuple(a) for a in checkpoint["lightning_cil"]["alignment"]]

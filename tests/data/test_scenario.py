@@ -1,6 +1,7 @@
+import numpy as np
 import pytest
 
-from lightning_cil.data.scenario import parse_protocol, resolve_class_order, split_classes
+from lightning_cil.data.scenario import build_layout, parse_protocol, resolve_class_order, split_classes
 
 
 @pytest.mark.parametrize(
@@ -30,8 +31,6 @@ def test_increments_that_do_not_cover_the_classes_are_refused():
 
 
 def test_seeded_order_is_the_literature_permutation():
-    import numpy as np
-
     names = [str(i) for i in range(100)]
     assert resolve_class_order(names, None, 1993) == list(np.random.RandomState(1993).permutation(100))
     assert resolve_class_order(names, None, None) == list(range(100))
@@ -53,3 +52,28 @@ def test_explicit_order_accepts_names_and_indices():
 def test_bad_class_orders_are_refused(order, message):
     with pytest.raises(ValueError, match=message):
         resolve_class_order(["cat", "dog", "ant"], order, 1993)
+
+
+def test_layout_is_built_once_with_every_task_info():
+    layout = build_layout("class", [f"c{i}" for i in range(10)], initial_classes=4, increment=3, class_order_seed=7)
+    order = list(np.random.RandomState(7).permutation(10))
+    assert list(layout.class_order) == order and [layout.label_of_target[c] for c in order] == list(range(10))
+    assert layout.task_classes == ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9))
+    assert layout.task_of_label == (0, 0, 0, 0, 1, 1, 1, 2, 2, 2)
+    info = layout.task_info(1)
+    assert info is layout.task_info(1)  # looked up, not rebuilt
+    assert (info.new_classes, info.num_seen_classes, info.num_old_classes) == ((4, 5, 6), 7, 4)
+    assert info.label_task == (0, 0, 0, 0, 1, 1, 1) and info.num_total_classes == 10
+    with pytest.raises(IndexError, match=r"task 3 is outside this stream's tasks 0..2"):
+        layout.task_info(3)
+
+
+def test_domain_layouts_have_one_task_per_domain():
+    names = ["dog", "cat", "horse"]
+    domain = build_layout("domain", names, num_domains=2)
+    assert domain.task_classes == ((0, 1, 2), (0, 1, 2)) and domain.by_domain and domain.domain_offset == 0
+    assert [domain.task_info(t).num_old_classes for t in range(2)] == [0, 0]  # every task brings every label
+    task = build_layout("task", names, num_domains=2)
+    assert task.task_classes == ((0, 1, 2), (3, 4, 5)) and task.task_info(1).num_old_classes == 3
+    with pytest.raises(ValueError, match=r"needs a dataset with several domains \(dataset='domains'\); 'toy' has one"):
+        build_layout("domain", names, num_domains=1, dataset="toy")
