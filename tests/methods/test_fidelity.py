@@ -55,3 +55,34 @@ def test_wa_mixes_cross_entropy_and_distillation_by_the_old_class_share():
     kd = sum(_soft_cross_entropy(s, q, 2.0) for s, q in zip(logits[:, :2].tolist(), teacher.tolist())) / len(images)
     expected = 0.6 * F.cross_entropy(logits, labels).item() + 0.4 * kd
     assert model.training_loss(logits, labels, images).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _recording(cls, hook: str, record):
+    """A subclass of ``cls`` whose ``hook`` calls ``record(model, result, *args)`` after the original."""
+
+    def wrapped(self, *args):
+        result = getattr(cls, hook)(self, *args)
+        record(self, result, *args)
+        return result
+
+    return type(cls.__name__, (cls,), {hook: wrapped})
+
+
+def test_online_ewc_merges_the_fisher_as_pycils_convex_mix(tmp_path):
+    """At a task end F <- alpha F_old + (1 - alpha) F_t on the rows that existed, alpha = old / seen classes;
+    rows that grew in the task (classifier) take F_t alone. Digits: 4 + 3 + 3 classes, alpha = 4/7 then 7/10."""
+    fishers, merged = [], []
+    cls = _recording(EWC, "_fisher", lambda model, result: fishers.append({n: f.clone() for n, f in result.items()}))
+    cls = _recording(cls, "on_task_end", lambda model, result, task: merged.append(model.penalties[0]))
+    L.seed_everything(0)
+    model = cls(backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=1, lr=0.02, milestones=[]))
+    run_stream(make_trainer(tmp_path), model, digits_stream())
+    assert len(fishers) == len(merged) == 3 and len(model.penalties) == 1
+    for task, alpha in ((1, 4 / 7), (2, 7 / 10)):
+        for name, (fisher, _) in merged[task].items():
+            rows = len(merged[task - 1][name][0])
+            expected = fishers[task][name].clone()
+            expected[:rows] = alpha * merged[task - 1][name][0] + (1 - alpha) * fishers[task][name][:rows]
+            torch.testing.assert_close(fisher, expected, rtol=1e-6, atol=0, msg=name)
+    weight, _ = merged[2]["head.weight"]
+    assert weight.shape[0] == 10 and torch.equal(weight[7:], fishers[2]["head.weight"][7:])
