@@ -86,3 +86,32 @@ def test_online_ewc_merges_the_fisher_as_pycils_convex_mix(tmp_path):
             torch.testing.assert_close(fisher, expected, rtol=1e-6, atol=0, msg=name)
     weight, _ = merged[2]["head.weight"]
     assert weight.shape[0] == 10 and torch.equal(weight[7:], fishers[2]["head.weight"][7:])
+
+
+def test_bic_holds_out_a_random_share_of_each_old_classs_exemplars(tmp_path):
+    """Not the first ones (herding's highest priority, which stage 1 should train on): a random sample, as PyCIL's
+    split. Digits, 60 exemplars over 4 classes: 2 held out per class from each class's 15."""
+    seen = []
+
+    def record(model, result, task):
+        if task.index == 1:
+            seen.append(({k: v.tolist() for k, v in model.memory.exemplars.items()}, model.held_out.tolist()))
+
+    cls = _recording(BiC, "on_task_start", record)
+    L.seed_everything(0)
+    model = cls(
+        backbone="resnet20",
+        in_channels=1,
+        schedule=TaskSchedule(epochs=1, lr=0.02, milestones=[]),
+        memory_budget=60,
+        bias_epochs=2,
+    )
+    run_stream(make_trainer(tmp_path), model, digits_stream())
+    ((exemplars, held_out),) = seen
+    held = set(held_out)
+    firsts = 0
+    for label, members in exemplars.items():
+        mine = [i for i in members if i in held]
+        assert len(mine) == 2, (label, mine)
+        firsts += set(mine) == set(members[:2])
+    assert firsts < len(exemplars), "every old class held out its highest-priority exemplars"
