@@ -115,3 +115,26 @@ def test_bic_holds_out_a_random_share_of_each_old_classs_exemplars(tmp_path):
         assert len(mine) == 2, (label, mine)
         firsts += set(mine) == set(members[:2])
     assert firsts < len(exemplars), "every old class held out its highest-priority exemplars"
+
+
+def test_der_mask_embeddings_have_no_weight_decay():
+    model = DER(backbone="resnet20", in_channels=1, prune=True, schedule=TaskSchedule(epochs=1, weight_decay=5e-4))
+    model.on_task_start(TaskInfo(index=0, num_tasks=2, new_classes=(0, 1), num_seen_classes=2, num_total_classes=4))
+    optimizer = model.configure_optimizers()["optimizer"]
+    embeddings = {id(e) for e in model.backbone.gates.embeddings}
+    assert embeddings
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        if ids & embeddings:
+            assert ids <= embeddings and group["weight_decay"] == 0.0
+        else:
+            assert group["weight_decay"] == 5e-4
+    grouped = set().union(*({id(p) for p in g["params"]} for g in optimizer.param_groups))
+    assert embeddings <= grouped
+
+
+def test_der_b50_config_keeps_twenty_exemplars_per_class():
+    """DER's B50 numbers (and PODNet's protocol) use 20 exemplars per class, not a 2000 total."""
+    out = cli("fit", "--config", str(REPO / "configs" / "der_cifar100_b50_10steps.yaml"), "--print_config")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memory_per_class: 20\n" in out.stdout and "memory_budget: null\n" in out.stdout, out.stdout
