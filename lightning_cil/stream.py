@@ -3,7 +3,9 @@
 A stream runs on one Trainer, one ``fit`` per task (the supported shape for multi-stage training in
 Lightning 2.x): before each fit the loop raises ``fit_loop.max_epochs`` by the task's epochs, so
 counters, loggers and callbacks carry across tasks, and a fresh DDP wrap and optimizer pick up
-whatever the method grew or froze in ``on_task_start``.
+whatever the method grew or froze in ``on_task_start``. A method whose task has several phases
+(``task_phases``, e.g. PackNet's training and retraining) gets one fit per phase, with its
+``on_phase_end`` between them.
 
 Resume: every checkpoint records how far the stream got (this callback's state) and what the model
 looks like (the module's ``lightning_cil`` entry). Restarting with ``ckpt_path`` replays the fit of
@@ -47,6 +49,7 @@ class _ResumePoint:
     task: int
     task_completed: bool
     callback_states: dict[str, Any]
+    phase: int = 0
 
 
 @rank_zero_only
@@ -84,6 +87,8 @@ class TaskStream(Callback):
         self.history: list[dict[str, Any]] = []
         self.stream: dict[str, Any] = {}
         self.epoch_budget: list[int] = []
+        #: the phase (fit) of the current task that is running or last ran
+        self.phase = 0
 
     # ------------------------------------------------------------------ callback hooks and state
 
@@ -113,6 +118,7 @@ class TaskStream(Callback):
             "history": self.history,
             "stream": self.stream,
             "epoch_budget": self.epoch_budget,
+            "phase": self.phase,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -121,6 +127,7 @@ class TaskStream(Callback):
         self.history = list(state_dict["history"])
         self.stream = dict(state_dict["stream"])
         self.epoch_budget = list(state_dict["epoch_budget"])
+        self.phase = int(state_dict.get("phase", 0))
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """A task-end checkpoint gets optimizer states that fit the model as it is now.
@@ -180,14 +187,23 @@ class TaskStream(Callback):
             if not restoring:
                 reseed(TASK_START, task)
                 model.on_task_start(info)
-            trainer.fit_loop.max_epochs = int(cumulative[task])
-            if not restoring:
-                _refuse_implicit_checkpoints(trainer)
+            phases = self._phases(model, info)
+            ends = int(cumulative[task]) - self.epoch_budget[task] + np.cumsum(phases)
             started = time.perf_counter()
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if restoring else None)
-            if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.interrupted:
-                _print(f"Stream interrupted in task {task}; resume with --ckpt_path <checkpoints>/last.ckpt")
-                return self.summary()
+            for phase in range(resume.phase if restoring else 0, len(phases)):
+                restoring_phase = restoring and phase == resume.phase
+                self.phase = phase
+                trainer.fit_loop.max_epochs = int(ends[phase])
+                if not restoring_phase:
+                    _refuse_implicit_checkpoints(trainer)
+                trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if restoring_phase else None)
+                if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.interrupted:
+                    _print(f"Stream interrupted in task {task}; resume with --ckpt_path <checkpoints>/last.ckpt")
+                    return self.summary()
+                if restoring_phase and resume.task_completed:
+                    break
+                if phase < len(phases) - 1:
+                    model.on_phase_end(info, phase)
             if restoring and resume.task_completed:
                 continue
             train_seconds = time.perf_counter() - started
@@ -203,6 +219,15 @@ class TaskStream(Callback):
         return {name: m.summary() for name, m in self.matrices.items()}
 
     # ------------------------------------------------------------------ pieces
+
+    def _phases(self, model: IncrementalModule, info) -> list[int]:
+        phases = [int(n) for n in model.task_phases(info)]
+        if not phases or min(phases) < 1 or sum(phases) != self.epoch_budget[info.index]:
+            raise ValueError(
+                f"{type(model).__name__}.task_phases gives {phases} epochs for task {info.index}: each phase needs at "
+                f"least one epoch and together they must make the task's {self.epoch_budget[info.index]} epochs."
+            )
+        return phases
 
     def _keep_last_checkpoint(self, trainer: Trainer) -> None:
         callback = trainer.checkpoint_callback
@@ -238,7 +263,7 @@ class TaskStream(Callback):
             )
         self.load_state_dict(state)
         self.epoch_budget = [*state["epoch_budget"][: task + 1], *self.epoch_budget[task + 1 :]]
-        return _ResumePoint(task, int(state["completed_task"]) >= task, checkpoint["callbacks"])
+        return _ResumePoint(task, int(state["completed_task"]) >= task, checkpoint["callbacks"], self.phase)
 
     def _evaluate(
         self,

@@ -170,7 +170,7 @@ def test_two_process_rehearsal_builds_the_same_memory_and_model_on_every_rank(tm
 @pytest.mark.parametrize("method", [name for name in METHODS if name not in REHEARSAL])
 def test_every_method_runs_a_two_process_stream_with_identical_ranks(tmp_path, monkeypatch, method):
     """EWC reduces its Fisher over the ranks' shards, BiC trains its bias layer on gathered features, WA aligns the
-    same weights, PackNet prunes by magnitude inside a fit: after every task both ranks must hold the same model
+    same weights, PackNet prunes by magnitude between its two fits: after every task both ranks must hold the same model
     and method state, and the reported accuracy must be what one process measures on the saved checkpoint."""
     _two_process_stream(tmp_path, monkeypatch, method)
 

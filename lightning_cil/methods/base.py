@@ -66,8 +66,9 @@ torch.serialization.add_safe_globals([TaskSchedule])
 class IncrementalModule(LightningModule):
     """Base of all methods. Plain training on the current data with a growing head (= Finetune).
 
-    The stream calls :meth:`on_task_start` before a task's fit and :meth:`on_task_end` after it; all
-    structural change (growing, freezing, copying a teacher) happens there, never inside a fit, so a
+    The stream calls :meth:`on_task_start` before a task's fit and :meth:`on_task_end` after it (and
+    :meth:`on_phase_end` between the fits of a task with several :meth:`task_phases`); all structural
+    change (growing, freezing, copying a teacher, pruning) happens there, never inside a fit, so a
     fresh DDP wrap and optimizer see it. Subclasses change the loss (:meth:`training_loss`), the
     scores used at evaluation (:meth:`evaluation_scores`), or keep exemplars (``RehearsalModule``), and record
     what they grew in :meth:`architecture` so :meth:`on_load_checkpoint` can rebuild it. Task hooks read the
@@ -141,6 +142,15 @@ class IncrementalModule(LightningModule):
     @task_data.setter
     def task_data(self, data: TaskData) -> None:
         self._task_data = data
+
+    def task_phases(self, task: TaskInfo) -> list[int]:
+        """Epochs of each fit of ``task``: one fit of the task's epochs by default. A method whose task has stages
+        that each need their own optimizer returns several (PackNet: train, then retrain after pruning); the stream
+        calls :meth:`on_phase_end` between them. The phases add up to the task's epochs."""
+        return [self.schedule_for_task(task.index).epochs]
+
+    def on_phase_end(self, task: TaskInfo, phase: int) -> None:
+        """Work between fit ``phase`` and the next of a task with several phases. Nothing by default."""
 
     def exemplar_indices(self) -> Tensor | None:
         """Train-split indices the next fit adds to the current task's data (rehearsal methods). The stream asks

@@ -21,8 +21,9 @@ __all__ = ["BiC"]
 class BiC(RehearsalModule, DistillationModule):
     """BiC: rehearsal + distillation, then a two-parameter linear layer corrects the new classes' logits.
 
-    - From the second task on, a held-out split is taken before training: ``val_ratio`` of each old class's
-      exemplars (at least one) and as many samples of each new class. The data module leaves it out of training.
+    - From the second task on, a held-out split is taken before training: a random ``val_ratio`` of each old
+      class's exemplars (at least one) and as many random samples of each new class (PyCIL's split). The data
+      module leaves it out of training.
     - Stage 1 loss = (1 - lambda) CE + lambda KD(old logits, teacher, T), lambda = old / seen classes (PyCIL).
     - Stage 2 (task end): with the network frozen, the task's bias layer q = alpha * o + beta on its new classes'
       logits o is trained on the held-out split (cross-entropy over all seen classes; alpha = 1, beta = 0 at
@@ -74,7 +75,12 @@ class BiC(RehearsalModule, DistillationModule):
     def _split_held_out(self, task: TaskInfo) -> Tensor:
         generator = torch.Generator().manual_seed(7_919 * (task.index + 1))
         per_class = max(1, round(self.hparams.val_ratio * min(len(v) for v in self.memory.exemplars.values())))
-        chosen = [members[:per_class] for members in self.memory.exemplars.values()]
+        # a random sample of each old class's exemplars, as of the new classes' samples (PyCIL, the paper): the
+        # first exemplars are herding's best, and holding them out would leave stage 1 the least typical ones
+        chosen = [
+            members[torch.randperm(len(members), generator=generator)[:per_class]]
+            for members in self.memory.exemplars.values()
+        ]
         labels = self.task_data.labels
         for label in task.new_classes:
             members = torch.nonzero(labels == label).flatten()

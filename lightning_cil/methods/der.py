@@ -28,8 +28,9 @@ class DER(RehearsalModule):
       outputs (every old class maps to one label); its cross-entropy is added with weight ``aux_weight``.
     - Pruning: F_t's channels carry masks m = sigmoid(s * e) (see ``networks/channel_pruning.py``), s annealed
       over each epoch's batches from 1/s_max to s_max (HAT's schedule), and ``sparsity_weight`` times the
-      size-weighted fraction of weights in use joins the loss. At the task end the masks are binarised and the
-      channels that are off are removed from F_t (smaller conv and BN layers, fewer classifier columns).
+      size-weighted fraction of weights in use joins the loss (the embeddings have no weight decay, as in
+      HAT). At the task end the masks are binarised and the channels that are off are removed from F_t
+      (smaller conv and BN layers, fewer classifier columns).
     - Classifier learning stage at the task end: the classifier is re-initialised and trained alone on a
       class-balanced set (the exemplars, plus as many samples of each new class), with logits divided by
       ``temperature``. Then the exemplar memory is rebuilt by herding on the super-feature.
@@ -147,6 +148,15 @@ class DER(RehearsalModule):
             loss = loss + self.hparams.sparsity_weight * sparsity
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The mask embeddings train without weight decay, as in HAT: decay would pull every e towards 0, i.e.
+        every mask towards sigmoid(0) = 0.5 once annealed, against the sparsity loss that decides which go off."""
+        gates = self.backbone.gates
+        embeddings = [e for e in gates.embeddings if e.requires_grad] if gates is not None else []
+        ids = {id(e) for e in embeddings}
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": others}] + ([{"params": embeddings, "weight_decay": 0.0}] if embeddings else [])
 
     # ------------------------------------------------------------------ pruning
 

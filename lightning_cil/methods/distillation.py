@@ -17,12 +17,17 @@ __all__ = ["DistillationModule", "kd_loss"]
 
 
 def kd_loss(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Hinton et al.'s distillation: KL(teacher || student) of the tempered softmaxes, times T^2 so its gradient
-    scale does not depend on T. ``logits`` are the student's scores for the teacher's classes."""
+    """Hinton et al.'s soft-target distillation as PyCIL computes it for LwF, iCaRL (``kd``), WA and BiC: the
+    cross-entropy -sum_c softmax(teacher / T)_c log softmax(student / T)_c, averaged over the batch.
+
+    There is no T^2 factor: the reference weights (LwF's lambda 3, WA's and BiC's old / seen share) were set for
+    this scale, and with T^2 they would act 4 times as strong at T = 2. ``logits`` are the student's scores for the
+    teacher's classes. (The cross-entropy and the KL divergence differ by the teacher's entropy, a constant, so
+    their gradients are equal.)
+    """
     t = temperature
-    return F.kl_div(
-        F.log_softmax(logits.float() / t, dim=1), F.softmax(teacher_logits.float() / t, dim=1), reduction="batchmean"
-    ) * (t * t)
+    log_student = F.log_softmax(logits.float() / t, dim=1)
+    return -(F.softmax(teacher_logits.float() / t, dim=1) * log_student).sum(1).mean()
 
 
 class DistillationModule(IncrementalModule):

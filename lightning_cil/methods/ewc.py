@@ -23,15 +23,18 @@ class EWC(IncrementalModule):
       statistics do not move), capped at ``fisher_max`` (PyCIL's 1e-4; None: no cap).
     - Loss = CE over the new classes' logits + ``ewc_lambda`` / 2 * sum F (theta - theta*)^2. Classifier rows
       that grew later are compared on the rows that existed.
-    - ``online: true`` keeps one penalty: F <- gamma F + F_t and theta* <- theta_t (online EWC, Schwarz et al.
-      2018); ``online: false`` keeps one (F_t, theta*_t) penalty per finished task (the original EWC).
+    - ``online: true`` keeps one penalty with theta* <- theta_t and, by default, PyCIL's convex mix
+      F <- alpha F + (1 - alpha) F_t, alpha = old / seen classes at the task's end, so the Fisher keeps the scale
+      of one task's. With a ``gamma``, F <- gamma F + F_t instead (online EWC of Schwarz et al. 2018, whose
+      Fisher grows with the tasks). ``online: false`` keeps one (F_t, theta*_t) penalty per finished task (the
+      original EWC). Classifier rows that grew in the task take F_t alone.
 
     Under DDP the Fisher is averaged over ranks, so every rank holds the same penalty.
 
     Args:
         ewc_lambda: penalty weight (PyCIL: 1000).
         online: accumulate one penalty instead of one per task.
-        gamma: decay of the accumulated Fisher (online only).
+        gamma: None (PyCIL's convex mix), or the decay of Schwarz et al.'s accumulated Fisher (online only).
         fisher_max: cap on each Fisher entry.
     """
 
@@ -43,12 +46,12 @@ class EWC(IncrementalModule):
         first_task: TaskSchedule | None = None,
         ewc_lambda: float = 1000.0,
         online: bool = True,
-        gamma: float = 1.0,
+        gamma: float | None = None,
         fisher_max: float | None = 1e-4,
     ) -> None:
         super().__init__(backbone, in_channels, schedule, first_task)
-        if ewc_lambda < 0 or not 0 < gamma <= 1:
-            raise ValueError(f"ewc_lambda={ewc_lambda} must be >= 0 and gamma={gamma} in (0, 1].")
+        if ewc_lambda < 0 or (gamma is not None and not 0 < gamma <= 1):
+            raise ValueError(f"ewc_lambda={ewc_lambda} must be >= 0 and gamma={gamma} None or in (0, 1].")
         #: one entry per penalty: {parameter name: (fisher, old value)}
         self.penalties: list[dict[str, tuple[Tensor, Tensor]]] = []
         self.num_old_classes = 0
@@ -79,11 +82,15 @@ class EWC(IncrementalModule):
         fisher = self._fisher()
         values = {n: p.detach().clone() for n, p in self.named_parameters() if n in fisher}
         if self.hparams.online and self.penalties:
-            previous = self.penalties[0]
+            previous, gamma = self.penalties[0], self.hparams.gamma
+            alpha = (task.num_seen_classes - len(task.new_classes)) / task.num_seen_classes
             for name in fisher:
                 if name in previous:
-                    old = previous[name][0]
-                    fisher[name][: len(old)] += self.hparams.gamma * old
+                    old, rows = previous[name][0], len(previous[name][0])
+                    if gamma is None:
+                        fisher[name][:rows] = alpha * old + (1 - alpha) * fisher[name][:rows]
+                    else:
+                        fisher[name][:rows] += gamma * old
             self.penalties = [{n: (fisher[n], values[n]) for n in fisher}]
         else:
             self.penalties.append({n: (fisher[n], values[n]) for n in fisher})

@@ -24,7 +24,8 @@ class ICaRL(RehearsalModule, DistillationModule):
     - Representation learning (``loss="bce"``, the paper's): sigmoid outputs and binary cross-entropy over
       all seen classes; new-class targets are one-hot, old-class targets are the previous model's sigmoid
       outputs on the same images. The previous model is a frozen copy taken at task start.
-      ``loss="kd"`` is PyCIL's variant: softmax cross-entropy plus KL distillation at ``temperature``.
+      ``loss="kd"`` is PyCIL's variant: softmax cross-entropy plus soft-target distillation at ``temperature``
+      (weight 1, no T^2 factor, as in PyCIL).
     - Memory: K exemplars in total (K / seen classes each), selected by herding on L2-normalised features;
       reducing a class keeps its first (highest-priority) exemplars.
     - NME: class mean = normalised mean of the exemplars' normalised features, averaged with the same for

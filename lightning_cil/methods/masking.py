@@ -20,8 +20,10 @@ class TaskMaskedModule(IncrementalModule):
 
     Subclasses attach their masks in ``__init__`` and implement :meth:`activate`, which makes the network
     compute task ``t``'s function. Evaluation splits each batch by task id and activates each task in turn, so
-    earlier tasks are scored by exactly the network they finished with. BatchNorm keeps the pretrained
-    statistics (eval mode) unless a subclass trains task-specific BatchNorm.
+    earlier tasks are scored by exactly the network they finished with; then the task being learned (if any) is
+    activated for training again, so an evaluation inside a fit (validation, Lightning's sanity check) does not
+    stop the training. BatchNorm keeps the pretrained statistics (eval mode) unless a subclass trains
+    task-specific BatchNorm.
 
     Args:
         backbone / in_channels / schedule / first_task: as for every method.
@@ -43,6 +45,8 @@ class TaskMaskedModule(IncrementalModule):
         self.backbone.requires_grad_(False)
         self.head = TaskHeads(self.backbone.out_dim)
         self.active_task = -1
+        #: a task is being learned: from its start to its end (subclasses clear it in ``on_task_end``)
+        self.learning = False
 
     # ------------------------------------------------------------------ tasks
 
@@ -53,6 +57,7 @@ class TaskMaskedModule(IncrementalModule):
                 f"(got {task.scenario!r})."
             )
         super().on_task_start(task)
+        self.learning = True
         self.activate(task.index, training=True)
 
     def activate(self, task: int, training: bool = False) -> None:
@@ -63,6 +68,11 @@ class TaskMaskedModule(IncrementalModule):
         super().train(mode)
         self._set_batchnorm_mode(mode)
         return self
+
+    def on_train_start(self) -> None:
+        # a resumed fit loads the state dict (owner maps, masks) after ``on_load_checkpoint`` activated the task:
+        # activate it again on what was loaded
+        self.activate(self.task_index, training=self.learning)
 
     def on_train_epoch_start(self) -> None:
         # Lightning may switch submodules back to train mode one by one (restoring the modes it saw before an
@@ -87,18 +97,23 @@ class TaskMaskedModule(IncrementalModule):
             rows = tasks == task
             self.activate(task)
             scores[rows] = self(images[rows]).float()
-        self.activate(self.task_index)
+        self.activate(self.task_index, training=self.learning)
         self.eval_metrics["cnn"].update(self.restrict_to_tasks(scores, tasks), labels, tasks)
 
     def architecture(self) -> dict[str, Any]:
-        return {**super().architecture(), "task_heads": [h.out_features for h in self.head.heads]}
+        return {
+            **super().architecture(),
+            "task_heads": [h.out_features for h in self.head.heads],
+            "learning": self.learning,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for size in checkpoint["lightning_cil"]["task_heads"]:
             self.head.expand(self.head.out_features + size)
         super().on_load_checkpoint(checkpoint)
         self._check_backbone_shapes(checkpoint["state_dict"])
-        self.activate(self.task_index)
+        self.learning = bool(checkpoint["lightning_cil"].get("learning", False))  # a mid-task checkpoint: True
+        self.activate(self.task_index, training=self.learning)
 
     def _check_backbone_shapes(self, state: dict[str, Tensor]) -> None:
         """Masks and owner maps must fit this backbone weight for weight; refuse those made for another one."""

@@ -120,6 +120,7 @@ class Piggyback(TaskMaskedModule):
             bn.requires_grad_(False)
         for mask in self.masks:  # the scores are not needed any more: only the packed bits are kept
             mask.scores = nn.Parameter(torch.zeros(0, device=self.task_masks.device), requires_grad=False)
+        self.learning = False
         self.activate(task.index)
 
     def activate(self, task: int, training: bool = False) -> None:

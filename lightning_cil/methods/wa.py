@@ -21,7 +21,9 @@ class WA(RehearsalModule, DistillationModule):
     """WA: rehearsal + distillation, then the new classes' classifier weights are scaled to the old ones' norm.
 
     - Loss = (1 - lambda) CE over all seen classes + lambda KD(old logits, teacher, T), lambda = old / seen
-      classes (PyCIL's weighting), on the new data plus a herding exemplar memory.
+      classes, on the new data plus a herding exemplar memory: the paper's weighting and that of PyCIL's wa.py
+      (``kd_lambda``), with PyCIL's KD scale (no T^2, see :func:`kd_loss`). An earlier revision of PyCIL's wa.py
+      used CE + 2 KD instead; this class follows the paper.
     - After each task from the second on: gamma = mean ||w_old|| / mean ||w_new|| over the classifier rows, and the
       new rows are multiplied by gamma, which removes the bias of the fully connected layer towards the new
       classes that the imbalanced training data causes. ``alignment`` records (old, new before, new after) norms.

@@ -31,9 +31,11 @@ class TaskAccuracy(Metric):
         hit = (scores.argmax(dim=1) == labels).long()
         k = min(self.top_k, scores.shape[1])
         hit_k = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1).long()
-        self.correct.index_add_(0, tasks, hit)
-        self.correct_top_k.index_add_(0, tasks, hit_k)
-        self.total.index_add_(0, tasks, torch.ones_like(hit))
+        # out of place: after an evaluation under inference mode (``trainer.test``) the reset states are inference
+        # tensors, which a validation inside the next fit (``val_during_fit``, the sanity check) may not modify
+        self.correct = self.correct.index_add(0, tasks, hit)
+        self.correct_top_k = self.correct_top_k.index_add(0, tasks, hit_k)
+        self.total = self.total.index_add(0, tasks, torch.ones_like(hit))
 
     def compute(self) -> dict[str, Tensor]:
         """Per-task accuracy (NaN for tasks without samples) and the counts behind it."""
