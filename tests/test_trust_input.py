@@ -12,16 +12,13 @@ from test_cli import shrunk
 from lightning_cil.networks import build_backbone
 
 
-def _error_lines(stderr: str) -> list[str]:
-    """stderr without Lightning's seed notice, which precedes every error of a configured run."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("Seed set to")]
-
-
 def _assert_one_line(out, message: str) -> None:
+    """Exit 2 and the error as the last line of stderr, alone (Lightning's own start-up notices may precede it)."""
     assert out.returncode == 2, out.stderr[-3000:]
-    lines = _error_lines(out.stderr)
-    assert len(lines) == 1 and lines[0].startswith("lightning-cil: error: "), out.stderr[-3000:]
-    assert re.search(message, lines[0]), lines[0]
+    lines = out.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("lightning-cil: error: ")]
+    assert errors == lines[-1:] and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.search(message, errors[0]), errors[0]
 
 
 @pytest.mark.parametrize(
@@ -79,3 +76,26 @@ def test_other_parse_errors_keep_their_message_without_the_usage_block(tmp_path)
 def test_venv_is_ignored_by_git():
     """The README's install creates .venv/ in the checkout."""
     assert ".venv/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_memory_budget_below_the_number_of_classes_is_refused_before_training(tmp_path):
+    out = cli(
+        "fit",
+        *shrunk(tmp_path, "--model.class_path", "lightning_cil.methods.ICaRL", "--model.init_args.memory_budget", "5"),
+    )
+    _assert_one_line(out, r"memory_budget=5 is below the 10 classes of this stream: 5 of them would keep no exemplar")
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+@pytest.mark.parametrize("method", ["ICaRL", "BiC", "WA", "DER"])
+def test_every_rehearsal_method_checks_its_budget_at_the_first_task_start(method):
+    from lightning_cil import methods
+    from lightning_cil.data.scenario import TaskInfo
+
+    first = TaskInfo(index=0, num_tasks=5, new_classes=(0, 1), num_seen_classes=2, num_total_classes=10)
+    cls = getattr(methods, method)
+    with pytest.raises(ValueError, match="memory_budget=9 is below the 10 classes"):
+        cls(backbone="resnet20", in_channels=1, memory_budget=9).on_task_start(first)
+    cls(backbone="resnet20", in_channels=1, memory_budget=10).on_task_start(first)  # one exemplar per class: fine
+    # a fixed per-class memory grows with the classes: never short
+    cls(backbone="resnet20", in_channels=1, memory_budget=None, memory_per_class=1).on_task_start(first)

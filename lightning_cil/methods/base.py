@@ -120,7 +120,11 @@ class IncrementalModule(LightningModule):
     # ------------------------------------------------------------------ task hooks
 
     def on_task_start(self, task: TaskInfo) -> None:
-        """Prepare for ``task``: the base grows the head to every class seen so far."""
+        """Prepare for ``task``: the base grows the head to every class seen so far. A rehearsal method's
+        ``memory`` is checked against the stream's classes here, before any training."""
+        memory = getattr(self, "memory", None)
+        if isinstance(memory, ExemplarMemory):
+            memory.check_capacity(task.num_total_classes)
         self._enter_task(task.index, task.num_tasks, task.scenario, task.label_task)
         self.head.expand(task.num_seen_classes)
 
