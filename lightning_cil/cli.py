@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_cil import report
 from lightning_cil.callbacks import SaveConfigToWandb, WandbDashboard, wandb_loggers
 from lightning_cil.data import TaskStreamDataModule
+from lightning_cil.data.datasets import DatasetError
 from lightning_cil.methods import IncrementalModule
 from lightning_cil.stream import run_stream
 
@@ -95,7 +96,10 @@ class LightningCILCLI(LightningCLI):
 
 
 def _is_configuration_error(error: BaseException) -> bool:
-    """A ValueError/FileNotFoundError raised by lightning_cil's own checks (not from deep inside a library)."""
+    """A ValueError/FileNotFoundError raised by lightning_cil's own checks (not from deep inside a library), or
+    an unreadable dataset file (re-raised by torch's DataLoader when a loader worker read it)."""
+    if isinstance(error, DatasetError):
+        return True
     if not isinstance(error, (ValueError, FileNotFoundError)):
         return False
     frames = traceback.extract_tb(error.__traceback__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -99,3 +100,44 @@ def test_every_rehearsal_method_checks_its_budget_at_the_first_task_start(method
     cls(backbone="resnet20", in_channels=1, memory_budget=10).on_task_start(first)  # one exemplar per class: fine
     # a fixed per-class memory grows with the classes: never short
     cls(backbone="resnet20", in_channels=1, memory_budget=None, memory_per_class=1).on_task_start(first)
+
+
+@pytest.fixture(scope="module")
+def tree_with_a_truncated_jpeg(cifar10_root, tmp_path_factory):
+    """Two CIFAR-10 classes as an image folder (6 train, 3 test images each); one airplane is cut in half."""
+    root = tmp_path_factory.mktemp("truncated")
+    for split, count in (("train", 6), ("test", 3)):
+        for name in ("airplane", "automobile"):
+            (root / split / name).mkdir(parents=True)
+            for image in sorted((cifar10_root / split / name).iterdir())[:count]:
+                shutil.copy(image, root / split / name / image.name)
+    bad = sorted((root / "train" / "airplane").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    return root, bad
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_jpeg_is_one_line_naming_the_file_with_and_without_loader_workers(
+    tmp_path, tree_with_a_truncated_jpeg, workers
+):
+    """With workers the error is raised in a worker process and re-raised by torch's DataLoader."""
+    root, bad = tree_with_a_truncated_jpeg
+    out = cli(
+        "fit",
+        *shrunk(tmp_path),
+        "--data.dataset",
+        "imagefolder",
+        "--data.root",
+        str(root),
+        "--data.in_memory",
+        "false",
+        "--data.augmentation",
+        "cifar10",
+        "--data.protocol",
+        "B0_Inc1",
+        "--data.batch_size",
+        "4",
+        "--data.num_workers",
+        str(workers),
+    )
+    _assert_one_line(out, rf"error: cannot read image file {re.escape(str(bad))}: \S")
