@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import REPO, cli
-from test_cli import shrunk
+from test_cli import QUICKSTART, shrunk
 
 from lightning_cil.networks import build_backbone
 
@@ -100,6 +100,33 @@ def test_every_rehearsal_method_checks_its_budget_at_the_first_task_start(method
     cls(backbone="resnet20", in_channels=1, memory_budget=10).on_task_start(first)  # one exemplar per class: fine
     # a fixed per-class memory grows with the classes: never short
     cls(backbone="resnet20", in_channels=1, memory_budget=None, memory_per_class=1).on_task_start(first)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The quickstart exactly as configured (12 epochs per task, seed 1993), writing into a temporary folder."""
+    out_dir = tmp_path_factory.mktemp("quickstart")
+    out = cli(
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--trainer.default_root_dir",
+        str(out_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(out_dir),
+        "--trainer.enable_progress_bar",
+        "false",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_quickstart_finetune_learns_every_new_task(quickstart):
+    """Finetune forgets the old tasks but must learn each new one: the matrix diagonal, the last task included."""
+    rows = re.findall(r"^T(\d)\s+([\d.\s]+)$", quickstart.stdout, flags=re.MULTILINE)
+    assert len(rows) == 5, quickstart.stdout[-2000:]
+    diagonal = [float(cells.split()[int(task)]) for task, cells in rows]
+    assert min(diagonal) > 90, diagonal
 
 
 @pytest.fixture(scope="module")
