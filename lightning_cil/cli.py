@@ -25,6 +25,7 @@ from lightning_cil.callbacks import SaveConfigToWandb, WandbDashboard, wandb_log
 from lightning_cil.data import TaskStreamDataModule
 from lightning_cil.data.datasets import DatasetError
 from lightning_cil.methods import IncrementalModule
+from lightning_cil.quiet import silence_meaningless_notices
 from lightning_cil.stream import run_stream
 
 __all__ = ["LightningCILCLI", "main"]
@@ -177,6 +178,7 @@ def main(args: Any = None) -> None:
     """Console entry point. Configuration errors print one line, not a traceback
     (set LIGHTNING_CIL_TRACEBACK=1 to see it). ``report`` is answered here, without building a LightningCLI."""
     argv = sys.argv[1:] if args is None else args
+    silence_meaningless_notices()
     try:
         if isinstance(argv, (list, tuple)) and argv[:1] == ["report"]:
             report.main(argv[1:])

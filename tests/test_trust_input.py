@@ -102,6 +102,19 @@ def test_every_rehearsal_method_checks_its_budget_at_the_first_task_start(method
     cls(backbone="resnet20", in_channels=1, memory_budget=None, memory_per_class=1).on_task_start(first)
 
 
+#: what a clean quickstart run must not print: advertisements, a torch deprecation inside Lightning, the stream's
+#: deliberately empty validation loader, the cumulative max_epochs of the stream, and a logging interval longer
+#: than a task's epoch
+NOISE = (
+    "litlogger",
+    "litmodels",
+    "LeafSpec",
+    "Total length of `list` across ranks is zero",
+    "smaller than the logging interval",
+    "`Trainer.fit` stopped",
+)
+
+
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     """The quickstart exactly as configured (12 epochs per task, seed 1993), writing into a temporary folder."""
@@ -127,6 +140,19 @@ def test_quickstart_finetune_learns_every_new_task(quickstart):
     assert len(rows) == 5, quickstart.stdout[-2000:]
     diagonal = [float(cells.split()[int(task)]) for task, cells in rows]
     assert min(diagonal) > 90, diagonal
+
+
+def test_quickstart_prints_no_meaningless_notices(quickstart):
+    found = [noise for noise in NOISE if noise in quickstart.stderr + quickstart.stdout]
+    assert not found, quickstart.stderr[-3000:]
+    # nor any other warning (file:line: message), except "Checkpoint directory ... exists and is not empty",
+    # which the stream's own task checkpoints trigger
+    warned = [
+        line
+        for line in quickstart.stderr.splitlines()
+        if re.search(r"\.py:\d+: ", line) and "Checkpoint directory" not in line
+    ]
+    assert not warned, warned
 
 
 @pytest.fixture(scope="module")
