@@ -191,8 +191,9 @@ def main(args: Any = None) -> None:
         message = _unknown_method(error) or (_one_line(found) if found is not None else str(error))
         print(f"lightning-cil: error: {message}", file=sys.stderr)
         if found is None and not message.startswith("model.class_path="):
-            command = argv[0] if isinstance(argv, (list, tuple)) and argv[:1] in (["validate"], ["test"]) else "fit"
-            print(f"For the accepted options run: lightning-cil {command} --help", file=sys.stderr)
+            subcommands = (["fit"], ["validate"], ["test"], ["predict"])
+            command = f"{argv[0]} " if isinstance(argv, (list, tuple)) and argv[:1] in subcommands else ""
+            print(f"For the accepted options run: lightning-cil {command}--help", file=sys.stderr)
         sys.exit(2)
     except Exception as error:
         found = _configuration_error(error)
