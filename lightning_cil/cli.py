@@ -11,25 +11,103 @@ lightning-cil report <run> [<run> ...] --out <folder>
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
+from argparse import ArgumentError
 from typing import Any
+
+from lightning_cil.quiet import silence_meaningless_notices
 
 __all__ = ["main"]
 
 
 def _is_configuration_error(error: BaseException) -> bool:
-    """A ValueError/FileNotFoundError raised by lightning_cil's own checks (not from deep inside a library)."""
+    """A ValueError/FileNotFoundError raised by lightning_cil's own checks (not from deep inside a library), or
+    an unreadable dataset file (re-raised by torch's DataLoader when a loader worker read it)."""
+    from lightning_cil.data.datasets import DatasetError  # loaded with the stream, never for `report`
+
+    if isinstance(error, DatasetError):
+        return True
     if not isinstance(error, (ValueError, FileNotFoundError)):
         return False
     frames = traceback.extract_tb(error.__traceback__)
     return bool(frames) and f"{os.sep}lightning_cil{os.sep}" in frames[-1].filename
 
 
+def _raised_in_jsonargparse(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return isinstance(error, ArgumentError) or (bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename)
+
+
+def _configuration_error(error: BaseException) -> BaseException | None:
+    """The lightning_cil check behind ``error``: the error itself, or the one that jsonargparse wrapped while
+    instantiating a typed argument (its "Does not validate against any of the Union subtypes" message)."""
+    while error is not None:
+        if _is_configuration_error(error):
+            return error
+        if not _raised_in_jsonargparse(error):
+            return None
+        error = error.__cause__
+    return None
+
+
+def _method_names() -> list[str]:
+    from lightning_cil import methods
+    from lightning_cil.methods import IncrementalModule
+
+    return [
+        name
+        for name in methods.__all__
+        if isinstance(getattr(methods, name), type)
+        and issubclass(getattr(methods, name), IncrementalModule)
+        and getattr(methods, name) is not IncrementalModule
+    ]
+
+
+def _unknown_method(error: ArgumentError) -> str | None:
+    """The one-line message for a ``model.class_path`` that names no method (None for other parse errors)."""
+    if not str(error).startswith('Parser key "model"'):
+        return None
+    union: BaseException | None = error
+    while union is not None and not str(union).startswith("Does not validate against any of the Union subtypes"):
+        union = union.__cause__
+    # the Union error's cause is the error of its first subtype, IncrementalModule: the model's own class_path
+    cause = union.__cause__ if union is not None else None
+    text = str(cause)
+    if given := re.match(r"Problem with given class_path '([^']*)':", text):
+        if not isinstance(cause.__cause__, (ImportError, AttributeError)):
+            return None
+        reason = f"it cannot be imported ({cause.__cause__})"
+    elif given := re.match(r"(?:Expected a dot import path string|Unexpected import path format): (.*)", text):
+        reason = "it is not a method name or import path"
+    elif given := re.match(r"Import path (\S+) does not correspond to a subclass", text):
+        reason = "it is not an IncrementalModule subclass"
+    else:
+        return None
+    names = _method_names()
+    return (
+        f"model.class_path={given.group(1)!r} is not a method: {reason}. Available methods: {', '.join(names)} "
+        f"(e.g. lightning_cil.methods.{names[0]}), or the import path of your own IncrementalModule subclass."
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+#: jsonargparse raises parse errors instead of printing the whole usage, so that main() can word them
+_RAISE_PARSE_ERRORS = {
+    "exit_on_error": False,
+    **{cmd: {"exit_on_error": False} for cmd in ("fit", "validate", "test", "predict")},
+}
+
+
 def main(args: Any = None) -> None:
     """Console entry point. Configuration errors print one line, not a traceback
     (set LIGHTNING_CIL_TRACEBACK=1 to see it). ``report`` is answered here, without building a LightningCLI."""
     argv = sys.argv[1:] if args is None else args
+    silence_meaningless_notices()
     try:
         if isinstance(argv, (list, tuple)) and argv[:1] == ["report"]:
             from lightning_cil import report  # reads run files only: no torch, no Lightning
@@ -38,11 +116,23 @@ def main(args: Any = None) -> None:
         else:
             from lightning_cil.lightning_cli import LightningCILCLI
 
-            LightningCILCLI(args=args)
-    except Exception as error:
-        if not _is_configuration_error(error) or os.environ.get("LIGHTNING_CIL_TRACEBACK"):
+            LightningCILCLI(args=args, parser_kwargs=_RAISE_PARSE_ERRORS)
+    except ArgumentError as error:
+        if os.environ.get("LIGHTNING_CIL_TRACEBACK"):
             raise
-        print(f"lightning-cil: error: {error}", file=sys.stderr)
+        found = _configuration_error(error)
+        message = _unknown_method(error) or (_one_line(found) if found is not None else str(error))
+        print(f"lightning-cil: error: {message}", file=sys.stderr)
+        if found is None and not message.startswith("model.class_path="):
+            subcommands = (["fit"], ["validate"], ["test"], ["predict"])
+            command = f"{argv[0]} " if isinstance(argv, (list, tuple)) and argv[:1] in subcommands else ""
+            print(f"For the accepted options run: lightning-cil {command}--help", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:
+        found = _configuration_error(error)
+        if found is None or os.environ.get("LIGHTNING_CIL_TRACEBACK"):
+            raise
+        print(f"lightning-cil: error: {_one_line(found)}", file=sys.stderr)
         sys.exit(2)
 
 

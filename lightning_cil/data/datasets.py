@@ -35,7 +35,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".
 
 
 class DatasetError(ValueError):
-    """A dataset on disk is missing, laid out differently than expected, or holds an unreadable file."""
+    """A dataset on disk is missing, laid out differently than expected, or holds an unreadable file.
+
+    An image read by a loader worker fails there; torch's DataLoader re-raises the error in the main process as
+    ``DatasetError("Caught DatasetError in DataLoader worker process N. Original Traceback ...")``. Such an error
+    keeps only the worker's own message, so that it reads the same with and without workers.
+    """
+
+    def __init__(self, message: str) -> None:
+        if isinstance(message, str) and message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            raised = f"{type(self).__module__}.{type(self).__qualname__}: "
+            if raised in message:
+                message = message[message.rindex(raised) + len(raised) :].strip()
+        super().__init__(message)
 
 
 @dataclass

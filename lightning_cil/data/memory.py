@@ -98,6 +98,16 @@ class ExemplarMemory:
         self.budget, self.per_class, self.selection, self.seed = budget, per_class, selection, seed
         self.exemplars: dict[int, Tensor] = {}
 
+    def check_capacity(self, num_classes: int) -> None:
+        """Refuse a total budget below the stream's number of classes: once that many classes are seen, some
+        would keep no exemplar at all and be forgotten without a word."""
+        if self.budget is not None and self.budget < num_classes:
+            raise ValueError(
+                f"memory_budget={self.budget} is below the {num_classes} classes of this stream: "
+                f"{num_classes - self.budget} of them would keep no exemplar. Set memory_budget to at least "
+                f"{num_classes} (e.g. {20 * num_classes} for 20 per class), or set memory_per_class instead."
+            )
+
     def quota(self, labels: Iterable[int]) -> dict[int, int]:
         """Exemplars each class may keep when ``labels`` are the classes in memory."""
         labels = sorted(labels)

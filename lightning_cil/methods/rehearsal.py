@@ -43,6 +43,11 @@ class RehearsalModule(IncrementalModule):
         super().__init__(backbone, in_channels, schedule, first_task)
         self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
 
+    def on_task_start(self, task: TaskInfo) -> None:
+        """The memory is checked against the stream's classes at the first task's start, before any training."""
+        self.memory.check_capacity(task.num_total_classes)
+        super().on_task_start(task)
+
     def exemplar_indices(self) -> Tensor:
         return self.memory.indices()
 
