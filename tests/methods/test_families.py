@@ -27,8 +27,8 @@ def _restore(run_dir):
 
 
 def test_lwf_and_ewc_keep_first_task_accuracy_that_finetune_loses(split_cifar10):
-    """Calibration (seed 0): task 0 after the last task: Finetune 0.0%, LwF 19.0%, EWC 14.0% (rows of task 0
-    over the stream: LwF 75.0 / 60.5 / 41.5 / 21.5 / 19.0, EWC 75.0 / 44.5 / 38.0 / 18.5 / 14.0)."""
+    """Calibration (seed 0): task 0 after the last task: Finetune 0.0%, LwF 14.5%, EWC 22.0% (rows of task 0
+    over the stream: LwF 78.0 / 46.5 / 31.0 / 26.5 / 14.5, EWC 78.0 / 71.0 / 56.0 / 54.0 / 22.0)."""
     finetune = _first_task_after_last(split_cifar10("finetune"))
     lwf = _first_task_after_last(split_cifar10("lwf"))
     ewc = _first_task_after_last(split_cifar10("ewc"))
@@ -38,22 +38,24 @@ def test_lwf_and_ewc_keep_first_task_accuracy_that_finetune_loses(split_cifar10)
 
 
 def test_wa_aligns_new_class_weight_norms_to_the_old_ones(split_cifar10):
-    """Before aligning, the new classes' weights are longer than the old ones' (imbalanced training); after, equal.
+    """Before aligning, the new classes' mean weight norm differs from the old ones'; after, they are equal.
 
-    Calibration (seed 0), mean norms old / new before: 0.790 / 0.866, 0.780 / 0.821, 0.798 / 0.834, 0.826 / 0.862
-    (new 4.4% to 9.6% longer); after aligning the new mean equals the old to 1e-6."""
+    Calibration (seed 0), mean norms old / new before: 1.015 / 0.827, 1.014 / 0.888, 1.027 / 0.862, 1.030 / 0.912
+    (new 11% to 19% shorter); after aligning the new mean equals the old to 1e-6. On this shrunk stream (6 epochs,
+    new rows start from a fresh initialisation) the new rows come out shorter, not longer as in the paper's long
+    runs; with the distillation 4 times stronger (kd_loss with T^2, before the fix) they were 4% to 10% longer."""
     run_dir = split_cifar10.run_dir("wa")
     alignment = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["lightning_cil"]["alignment"]
     assert len(alignment) == 4
     for old, new_before, new_after in alignment:
-        assert new_before > 1.03 * old, alignment
+        assert abs(new_before - old) > 0.03 * old, alignment
         assert abs(new_after - old) < 1e-4 * old, alignment
 
 
 @torch.no_grad()
 def test_bic_correction_moves_old_class_images_away_from_new_classes(split_cifar10):
     """Share of old-class test images predicted as a new class (classes of the last task), without and with the
-    bias layers. Calibration (seed 0): 35.9% without, 21.4% with; accuracy on all classes 23.3% -> 24.9%."""
+    bias layers. Calibration (seed 0): 39.3% without, 4.9% with; accuracy on all classes 26.2% -> 28.4%."""
     model, datamodule = _restore(split_cifar10.run_dir("bic"))
     loader = torch.utils.data.DataLoader(datamodule.test_dataset(), batch_size=256)
     start = model.bias_layers[-1][0]

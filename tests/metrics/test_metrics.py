@@ -25,7 +25,6 @@ def test_task_accuracy_counts_per_task_in_one_pass():
     assert out["per_task"][0] == 0.5 and math.isnan(out["per_task"][2])
 
 
-
 def test_task_accuracy_counts_after_a_reset_under_inference_mode():
     """``trainer.test`` resets the metric under inference mode; a validation in the next task's fit (the sanity
     check, ``val_during_fit``) then updates it outside inference mode."""
@@ -37,6 +36,7 @@ def test_task_accuracy_counts_after_a_reset_under_inference_mode():
     with torch.no_grad():
         metric.update(torch.tensor([[0.0, 1.0]]), torch.tensor([1]), torch.tensor([1]))
     assert metric.compute()["correct"].tolist() == [0, 1]
+
 
 def test_matrix_summaries_match_hand_computed_values():
     m = AccuracyMatrix(3)
