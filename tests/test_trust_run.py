@@ -20,6 +20,7 @@ import torch
 from conftest import REPO, cli, make_trainer
 
 from lightning_cil.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
+from lightning_cil.cli import main
 from lightning_cil.stream import StreamDiverged, TaskStream
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -56,6 +57,19 @@ def checkpoints(root: Path) -> Path:
     return root / "quickstart" / VERSION / "checkpoints"
 
 
+def run(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """``lightning-cil *args`` in this process (the console entry point, without a new interpreter's start-up)."""
+    monkeypatch.setattr(sys, "argv", ["lightning-cil"])
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def one_line_error(out: subprocess.CompletedProcess, code: int, pattern: str) -> None:
     assert out.returncode == code, (out.returncode, out.stderr[-3000:])
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
@@ -89,21 +103,23 @@ def finished_run(tmp_path_factory) -> Path:
     ids=["method", "backbone", "model-setting", "stream"],
 )
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
-def test_a_checkpoint_of_another_model_or_stream_is_refused(finished_run, tmp_path, subcommand, override, message):
+def test_a_checkpoint_of_another_model_or_stream_is_refused(
+    finished_run, tmp_path, monkeypatch, capsys, subcommand, override, message
+):
     """LightningCLI used to load the checkpoint's hyper_parameters over the configuration: an ICaRL config resumed
     from another method's checkpoint ran as that method. Resuming and evaluating both refuse it in one line."""
     task_end = checkpoints(finished_run) / "task00.ckpt"
-    out = cli(subcommand, *shrunk(tmp_path, *override, "--ckpt_path", str(task_end)))
+    out = run(monkeypatch, capsys, subcommand, *shrunk(tmp_path, *override, "--ckpt_path", str(task_end)))
     one_line_error(out, 2, message)
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
-def test_a_changed_schedule_applies_to_the_tasks_not_trained_yet(finished_run, tmp_path):
+def test_a_changed_schedule_applies_to_the_tasks_not_trained_yet(finished_run, tmp_path, monkeypatch, capsys):
     """A resume from a task end may change the schedule of the tasks to come: it is what runs, printed and
     recorded in metrics.json. The schedule of the task a checkpoint stopped inside cannot change."""
     task_end = checkpoints(finished_run) / "task00.ckpt"
     lower = ["--model.init_args.schedule", schedule(lr=0.01)]
-    out = cli("fit", *shrunk(tmp_path, *LWF, *lower, "--ckpt_path", str(task_end)))
+    out = run(monkeypatch, capsys, "fit", *shrunk(tmp_path, *LWF, *lower, "--ckpt_path", str(task_end)))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Resuming with changed settings, applied to task 2 (the trained tasks keep the checkpoint's): " in out.stdout
     assert "schedule.lr 0.02 -> 0.01" in out.stdout
@@ -116,14 +132,12 @@ def test_a_changed_schedule_applies_to_the_tasks_not_trained_yet(finished_run, t
     assert len(metrics["tasks"]) == 2
 
 
-def test_the_schedule_of_a_task_in_progress_cannot_change(tmp_path):
+def test_the_schedule_of_a_task_in_progress_cannot_change(finished_run, tmp_path, monkeypatch, capsys):
     """A mid-task checkpoint resumes with its optimizer and LR scheduler: a changed lr for that task is refused,
     naming the task-end checkpoint that reruns it with the new one."""
-    out = cli("fit", *shrunk(tmp_path / "a", epochs=3))
-    assert out.returncode == 0, out.stderr[-3000:]
-    (mid_task,) = checkpoints(tmp_path / "a").glob("epoch=*.ckpt")  # the newest epoch: inside task 2
-    lower = ["--model.init_args.schedule", schedule(epochs=3, lr=0.01)]
-    out = cli("fit", *shrunk(tmp_path / "b", *lower, "--ckpt_path", str(mid_task)))
+    (mid_task,) = checkpoints(finished_run).glob("epoch=*.ckpt")  # ModelCheckpoint's newest: before task 2's end
+    lower = ["--model.init_args.schedule", schedule(lr=0.01)]
+    out = run(monkeypatch, capsys, "fit", *shrunk(tmp_path, *LWF, *lower, "--ckpt_path", str(mid_task)))
     one_line_error(
         out,
         2,
@@ -135,23 +149,20 @@ def test_the_schedule_of_a_task_in_progress_cannot_change(tmp_path):
 # ------------------------------------------------------------------ no run lost, overwritten, or done when it is not
 
 
-def test_a_second_fresh_run_never_overwrites_the_first(finished_run, tmp_path):
+def test_a_second_fresh_run_never_overwrites_the_first(finished_run, monkeypatch, capsys):
     folder = checkpoints(finished_run)
     before = {path.name: path.read_bytes() for path in [*folder.iterdir(), folder.parent / "metrics.json"]}
-    out = cli("fit", *shrunk(finished_run, *LWF))
+    out = run(monkeypatch, capsys, "fit", *shrunk(finished_run, *LWF))
     one_line_error(out, 2, r"already holds a stream's files .*Resume that run with --ckpt_path last, or give this one")
     assert {path.name: path.read_bytes() for path in [*folder.iterdir(), folder.parent / "metrics.json"]} == before
-    out = cli("fit", *shrunk(tmp_path, "--ckpt_path", "last"))  # `last` with nothing to resume starts afresh
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ckpt_path='last': no checkpoint of this run yet" in out.stdout
-    assert "exists and is not empty" not in out.stderr
 
 
-def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """lr 1e6 from task 2 on: the stream stops at the first non-finite loss (exit 1), names where, writes no NaN
     checkpoint, and its last good checkpoint resumes with a corrected lr."""
     first_task = ["--model.init_args.first_task", schedule(epochs=1)]
-    out = cli("fit", *shrunk(tmp_path, *first_task, "--model.init_args.schedule", schedule(lr=1.0e6)))
+    diverging = ["--model.init_args.schedule", schedule(lr=1.0e6)]
+    out = run(monkeypatch, capsys, "fit", *shrunk(tmp_path, *first_task, *diverging))
     one_line_error(
         out, 1, r"training diverged in task 2/2, epoch 1/2 of the task \(global step \d+\): the loss is (nan|inf)"
     )
@@ -162,7 +173,7 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
         assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point()), path.name
     last = torch.load(checkpoints(tmp_path) / "last.ckpt", weights_only=False)
     assert last["callbacks"]["TaskStream"]["completed_task"] == 0
-    out = cli("fit", *shrunk(tmp_path, *first_task, "--ckpt_path", "last"))
+    out = run(monkeypatch, capsys, "fit", *shrunk(tmp_path, *first_task, "--ckpt_path", "last"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "average incremental accuracy:" in out.stdout
 
@@ -178,11 +189,12 @@ def test_a_checkpoint_of_non_finite_weights_is_never_written(tmp_path):
 
 def test_a_stream_stopped_by_sigterm_exits_non_zero_and_resumes(tmp_path):
     """SIGTERM used to end the stream with status 0, as if it were complete (a launcher would not restart it)."""
+    long_second_task = ["--model.init_args.first_task", schedule(epochs=1), "--model.init_args.schedule", schedule(10)]
     exe = shutil.which("lightning-cil")
     command = [exe] if exe else [sys.executable, "-m", "lightning_cil"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
     job = subprocess.Popen(
-        [*command, "fit", *shrunk(tmp_path, epochs=6)],
+        [*command, "fit", *shrunk(tmp_path, *long_second_task)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -195,9 +207,9 @@ def test_a_stream_stopped_by_sigterm_exits_non_zero_and_resumes(tmp_path):
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=600)
     stderr = stderr.decode()
-    assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert job.returncode == 128 + signal.SIGTERM, (job.returncode, stderr[-3000:])
     assert re.search(r"stream stopped by SIGTERM in task 2/2; the newest checkpoint is .*: resume with", stderr)
-    out = cli("fit", *shrunk(tmp_path, "--ckpt_path", "last", epochs=6))
+    out = cli("fit", *shrunk(tmp_path, *long_second_task, "--ckpt_path", "last"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(json.loads((checkpoints(tmp_path).parent / "metrics.json").read_text())["tasks"]) == 2
 
@@ -206,8 +218,8 @@ def test_a_stream_stopped_by_sigterm_exits_non_zero_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_notebook"])
-def test_spawning_strategies_are_refused_before_training(tmp_path, strategy):
-    out = cli("fit", *shrunk(tmp_path, "--trainer.strategy", strategy))
+def test_spawning_strategies_are_refused_before_training(tmp_path, monkeypatch, capsys, strategy):
+    out = run(monkeypatch, capsys, "fit", *shrunk(tmp_path, "--trainer.strategy", strategy))
     one_line_error(
         out, 2, r"starts new processes at every fit, and a stream fits once per task.*--trainer.strategy ddp"
     )
@@ -215,18 +227,20 @@ def test_spawning_strategies_are_refused_before_training(tmp_path, strategy):
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
-def test_a_truncated_checkpoint_is_one_line(finished_run, tmp_path, subcommand):
+def test_a_truncated_checkpoint_is_one_line(finished_run, tmp_path, monkeypatch, capsys, subcommand):
     truncated = tmp_path / "cut.ckpt"
     data = (checkpoints(finished_run) / "last.ckpt").read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    out = cli(subcommand, *shrunk(tmp_path / "run", *LWF, "--ckpt_path", str(truncated)))
+    out = run(monkeypatch, capsys, subcommand, *shrunk(tmp_path / "run", *LWF, "--ckpt_path", str(truncated)))
     one_line_error(out, 2, rf"ckpt_path='{re.escape(str(truncated))}' is not a readable checkpoint \(truncated or")
 
 
-def test_an_unwritable_run_folder_is_named_before_training(tmp_path):
+def test_an_unwritable_run_folder_is_named_before_training(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the run folder should be")
-    out = cli("fit", *shrunk(tmp_path, "--trainer.logger.init_args.save_dir", str(blocker / "runs")))
+    out = run(
+        monkeypatch, capsys, "fit", *shrunk(tmp_path, "--trainer.logger.init_args.save_dir", str(blocker / "runs"))
+    )
     one_line_error(out, 2, rf"the run folder {re.escape(str(blocker / 'runs'))} cannot be written .*is a file")
 
 
