@@ -92,6 +92,12 @@ def _unknown_method(error: ArgumentError) -> str | None:
     )
 
 
+def _diverged(error: BaseException) -> bool:
+    from lightning_cil.stream import StreamDiverged  # the stream is loaded already when a run diverges
+
+    return isinstance(error, StreamDiverged)
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
@@ -117,6 +123,11 @@ def main(args: Any = None) -> None:
             from lightning_cil.lightning_cli import LightningCILCLI
 
             LightningCILCLI(args=args, parser_kwargs=_RAISE_PARSE_ERRORS)
+    except RuntimeError as error:
+        if not _diverged(error) or os.environ.get("LIGHTNING_CIL_TRACEBACK"):
+            raise
+        print(f"lightning-cil: error: {error}", file=sys.stderr)  # the run failed, not its configuration
+        sys.exit(1)
     except ArgumentError as error:
         if os.environ.get("LIGHTNING_CIL_TRACEBACK"):
             raise

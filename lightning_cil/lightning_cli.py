@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from lightning import Trainer
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_cil.callbacks import SaveConfigToWandb, WandbDashboard, wandb_loggers
 from lightning_cil.data import TaskStreamDataModule
 from lightning_cil.methods import IncrementalModule
-from lightning_cil.stream import run_stream
+from lightning_cil.stream import LAST, check_checkpoint, run_stream
 
 __all__ = ["DEFAULT_SEED", "LightningCILCLI"]
 
@@ -43,6 +44,12 @@ class LightningCILCLI(LightningCLI):
             trainer.callbacks.append(WandbDashboard())
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configuration the user gave. LightningCLI would parse the checkpoint's ``hyper_parameters`` over
+        it (this method is its only hook for that), so that a resume ran the checkpoint's method, backbone and learning
+        rate instead of the configured ones. The stream compares the checkpoint with the configuration instead, and
+        refuses one that differs (``check_checkpoint``); ``test``/``validate`` do the same in :meth:`before_test`."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_channels", "model.init_args.in_channels", apply_on="instantiate")
 
@@ -61,6 +68,20 @@ class LightningCILCLI(LightningCLI):
         or from the start if there is none (for jobs that a launcher restarts with the same command line).
         """
         return run_stream(self.trainer, model, datamodule, ckpt_path)
+
+    def before_validate(self) -> None:
+        self._check_evaluated_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_evaluated_checkpoint()
+
+    def _check_evaluated_checkpoint(self) -> None:
+        """``test``/``validate`` evaluate the checkpoint as the configuration describes it: the same stream, method,
+        backbone and model settings (the checkpoint's schedules do not matter here), else a one-line refusal."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is None or (str(ckpt_path) in ("best", LAST, "hpc", "registry") and not os.path.isfile(ckpt_path)):
+            return
+        check_checkpoint(ckpt_path, self.model, self.datamodule.describe(), "evaluate")
 
     def after_validate(self) -> None:
         self._print_evaluation()

@@ -18,8 +18,15 @@ the same command line (torchrun ``--max-restarts``, a requeued SLURM job) goes o
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +35,47 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_cil.checkpoint_io import load_checkpoint, use_atomic_checkpoints
 from lightning_cil.data.datamodule import TaskStreamDataModule
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.data.task_data import TaskData, TrainingPlan
-from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule
+from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule, TaskSchedule
 from lightning_cil.metrics import METRICS_FILE, AccuracyMatrix
 from lightning_cil.seeding import TASK_START, TRAIN_EPOCH, reseed
 
-__all__ = ["LAST", "StreamCallback", "TaskStream", "last_checkpoint", "run_stream"]
+__all__ = [
+    "LAST",
+    "StreamCallback",
+    "StreamDiverged",
+    "StreamInterrupted",
+    "TaskStream",
+    "check_checkpoint",
+    "last_checkpoint",
+    "run_stream",
+]
 
 #: the ``ckpt_path`` that resumes from the newest ``last.ckpt`` of the run (see :func:`last_checkpoint`)
 LAST = "last"
+
+
+#: what a checkpoint's stream must share with the configured one to be resumed or evaluated
+STREAM_KEYS = ("dataset", "scenario", "class_order", "task_classes", "train_samples", "test_samples")
+#: Lightning warns at every fit of a stream that its checkpoint folder is not empty: it holds the stream's own
+#: checkpoints, and a fresh stream refuses a folder that already holds some (see ``_refuse_existing_run``)
+_NOT_EMPTY_WARNING = r"Checkpoint directory .* exists and is not empty"
+
+
+class StreamDiverged(RuntimeError):
+    """Training produced a non-finite loss or weights: the stream stops without writing a checkpoint of them."""
+
+
+class StreamInterrupted(SystemExit):
+    """The stream was stopped by a signal; its exit status is the signal's conventional one (128 + number)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +89,42 @@ class _ResumePoint:
 @rank_zero_only
 def _print(text: str) -> None:
     print(text, flush=True)
+
+
+@rank_zero_only
+def _print_error(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _first_non_finite(state: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding a NaN or an infinity, or None."""
+    names = [name for name, value in state.items() if torch.is_tensor(value) and value.is_floating_point()]
+    if not names:
+        return None
+    finite = torch.stack([torch.isfinite(state[name]).all() for name in names]).cpu()
+    return next((name for name, ok in zip(names, finite.tolist()) if not ok), None)
+
+
+class _StopSignal:
+    """Records a SIGTERM that arrives between fits (Lightning handles it only inside them, and chains to this
+    handler there), so that the stream stops at its next checkpoint instead of dying in the middle of one."""
+
+    def __init__(self, stream: TaskStream) -> None:
+        self.stream = stream
+        self.previous: Any = None
+
+    def __enter__(self) -> _StopSignal:
+        self.stream._stop_signal = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._record)
+        return self
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        self.stream._stop_signal = signum
+
+    def __exit__(self, *_: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 class StreamCallback(Callback):
@@ -89,6 +159,10 @@ class TaskStream(Callback):
         self.epoch_budget: list[int] = []
         #: the phase (fit) of the current task that is running or last ran
         self.phase = 0
+        #: one entry per resume of this stream: the checkpoint, where it stood, and the settings changed with it
+        self.resumes: list[dict[str, Any]] = []
+        self._resume_record: dict[str, Any] | None = None
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ callback hooks and state
 
@@ -111,6 +185,32 @@ class TaskStream(Callback):
             )
             datamodule.train_on(plan)
 
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        """Stop at the first non-finite loss, before it reaches the weights (decided together by every rank)."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise StreamDiverged(self._divergence(trainer, pl_module, f"the loss is {loss.detach().float().item()}"))
+
+    def _divergence(self, trainer: Trainer, pl_module: LightningModule, what: str) -> str:
+        task = getattr(pl_module, "task_index", 0)
+        start = int(sum(self.epoch_budget[:task]))
+        epochs = self.epoch_budget[task] if task < len(self.epoch_budget) else "?"
+        last = last_checkpoint(trainer)
+        before = Path(last).parent / f"task{task - 1:02d}.ckpt" if last is not None and task > 0 else None
+        where = (
+            f"the last good checkpoint is {last} (--ckpt_path last resumes it)"
+            + (f"; {before} reruns task {task + 1} with changed settings" if before and before.is_file() else "")
+            if last is not None
+            else "no checkpoint was written before it"
+        )
+        return (
+            f"training diverged in task {task + 1}/{len(self.epoch_budget)}, epoch {trainer.current_epoch - start + 1}"
+            f"/{epochs} of the task (global step {trainer.global_step}): {what}. The stream stopped without saving it; "
+            f"{where}. A lower learning rate (model.init_args.schedule.lr) usually helps."
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "completed_task": self.completed_task,
@@ -119,6 +219,7 @@ class TaskStream(Callback):
             "stream": self.stream,
             "epoch_budget": self.epoch_budget,
             "phase": self.phase,
+            "resumes": [*self.resumes, *([self._resume_record] if self._resume_record else [])],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -128,14 +229,19 @@ class TaskStream(Callback):
         self.stream = dict(state_dict["stream"])
         self.epoch_budget = list(state_dict["epoch_budget"])
         self.phase = int(state_dict.get("phase", 0))
+        self.resumes = list(state_dict.get("resumes", []))
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """A task-end checkpoint gets optimizer states that fit the model as it is now.
 
+        A checkpoint of non-finite weights is never written: the stream stops instead (the previous one stays).
         The finished fit's optimizer never steps again (the next task builds its own), but resuming at this
         boundary goes through ``fit``, which loads the saved state into an optimizer built for the current
         parameters; after pruning or growing in ``on_task_end`` the finished fit's state would not fit them.
         """
+        bad = _first_non_finite(checkpoint.get("state_dict", {}))
+        if bad is not None:  # every rank holds the same weights, so every rank refuses alike
+            raise StreamDiverged(self._divergence(trainer, pl_module, f"the weights are not finite ({bad})"))
         at_task_end = self.completed_task >= 0 and self.completed_task == getattr(pl_module, "task_index", None)
         config = pl_module.configure_optimizers() if at_task_end and "optimizer_states" in checkpoint else None
         if isinstance(config, dict) and "optimizer" in config:
@@ -153,21 +259,30 @@ class TaskStream(Callback):
         datamodule: TaskStreamDataModule,
         ckpt_path: str | Path | None = None,
     ) -> dict[str, Any]:
-        """Train and evaluate every task of ``datamodule`` (from ``ckpt_path``'s point, if given)."""
+        """Train and evaluate every task of ``datamodule`` (from ``ckpt_path``'s point, if given).
+
+        Stops with :class:`StreamDiverged` at a non-finite loss or weights, and with :class:`StreamInterrupted`
+        (status 128 + signal) after SIGTERM, once the checkpoint being written is complete.
+        """
         if not isinstance(model, IncrementalModule):
             raise TypeError(f"the model must be an IncrementalModule, got {type(model).__name__}.")
+        _refuse_spawned_processes(trainer)
+        self._resume_record = None
         datamodule.prepare_stream()  # every data error surfaces here, before training
         num_tasks = datamodule.num_tasks
         self.epoch_budget = [model.schedule_for_task(t).epochs for t in range(num_tasks)]
         if self not in trainer.callbacks:
             trainer.callbacks.append(self)
         self._keep_last_checkpoint(trainer)
+        use_atomic_checkpoints(trainer)
+        _refuse_unwritable_folders(trainer)
         if ckpt_path is not None and str(ckpt_path) == LAST:
             ckpt_path = last_checkpoint(trainer)
             _print(f"ckpt_path={LAST!r}: " + (f"found {ckpt_path}" if ckpt_path else "no checkpoint of this run yet"))
         stream = datamodule.describe()
         resume = self._resume_point(ckpt_path, stream, model) if ckpt_path else None
         if resume is None:
+            _refuse_existing_run(trainer)
             self.stream = stream
             self.matrices = {name: AccuracyMatrix(num_tasks) for name in model.scorers}
         else:
@@ -179,41 +294,70 @@ class TaskStream(Callback):
             f"{[len(c) for c in stream['task_classes']]} classes, method {type(model).__name__}"
             + (f"; resuming at task {resume.task}" if resume else "")
         )
-        for task in range(resume.task if resume else 0, num_tasks):
-            info = datamodule.task_info(task)
-            datamodule.set_task(task)
-            model.task_data = TaskData(info, datamodule, trainer.strategy)
-            restoring = resume is not None and task == resume.task
-            if not restoring:
-                reseed(TASK_START, task)
-                model.on_task_start(info)
-            phases = self._phases(model, info)
-            ends = int(cumulative[task]) - self.epoch_budget[task] + np.cumsum(phases)
-            started = time.perf_counter()
-            for phase in range(resume.phase if restoring else 0, len(phases)):
-                restoring_phase = restoring and phase == resume.phase
-                self.phase = phase
-                trainer.fit_loop.max_epochs = int(ends[phase])
-                if not restoring_phase:
-                    _refuse_implicit_checkpoints(trainer)
-                trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if restoring_phase else None)
-                if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.interrupted:
-                    _print(f"Stream interrupted in task {task}; resume with --ckpt_path <checkpoints>/last.ckpt")
-                    return self.summary()
-                if restoring_phase and resume.task_completed:
-                    break
-                if phase < len(phases) - 1:
-                    model.on_phase_end(info, phase)
-            if restoring and resume.task_completed:
-                continue
-            train_seconds = time.perf_counter() - started
-            model.on_task_end(info)
-            self._evaluate(trainer, model, datamodule, info, train_seconds)
-            self.completed_task = task
-            self._save_task_checkpoint(trainer, task)
+        with warnings.catch_warnings(), _StopSignal(self):
+            warnings.filterwarnings("ignore", message=_NOT_EMPTY_WARNING)
+            for task in range(resume.task if resume else 0, num_tasks):
+                info = datamodule.task_info(task)
+                datamodule.set_task(task)
+                model.task_data = TaskData(info, datamodule, trainer.strategy)
+                restoring = resume is not None and task == resume.task
+                if not restoring:
+                    reseed(TASK_START, task)
+                    model.on_task_start(info)
+                phases = self._phases(model, info)
+                ends = int(cumulative[task]) - self.epoch_budget[task] + np.cumsum(phases)
+                started = time.perf_counter()
+                for phase in range(resume.phase if restoring else 0, len(phases)):
+                    restoring_phase = restoring and phase == resume.phase
+                    self.phase = phase
+                    trainer.fit_loop.max_epochs = int(ends[phase])
+                    if not restoring_phase:
+                        _refuse_implicit_checkpoints(trainer)
+                    if self._stop_signal is not None:
+                        self._stop(trainer, task, self._stop_signal)
+                    try:
+                        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if restoring_phase else None)
+                    except SIGTERMException:
+                        self._stop(trainer, task, signal.SIGTERM)
+                    if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.interrupted:
+                        self._stop(trainer, task, self._stop_signal)
+                    if restoring_phase and resume.task_completed:
+                        break
+                    if phase < len(phases) - 1:
+                        model.on_phase_end(info, phase)
+                if restoring and resume.task_completed:
+                    continue
+                train_seconds = time.perf_counter() - started
+                model.on_task_end(info)
+                bad = _first_non_finite(model.state_dict())
+                if bad is not None:
+                    raise StreamDiverged(self._divergence(trainer, model, f"the weights are not finite ({bad})"))
+                try:
+                    self._evaluate(trainer, model, datamodule, info, train_seconds)
+                except SIGTERMException:
+                    self._stop(trainer, task, signal.SIGTERM)
+                self.completed_task = task
+                self._save_task_checkpoint(trainer, task)
+                if self._stop_signal is not None and task + 1 < num_tasks:
+                    self._stop(trainer, task + 1, self._stop_signal)
         primary = model.scorers[0]
         _print(self.matrices[primary].format_table(f"Accuracy matrix ({primary}, %):"))
         return self.summary()
+
+    def _stop(self, trainer: Trainer, task: int, signum: int | None) -> None:
+        """Leave an interrupted stream with a non-zero status (a launcher must not count it as done)."""
+        last = last_checkpoint(trainer)
+        name = signal.Signals(signum).name if signum else "an interruption"
+        _print_error(
+            f"lightning-cil: stream stopped by {name} in task {task + 1}/{len(self.epoch_budget)}; "
+            + (
+                f"the newest checkpoint is {last}: resume with --ckpt_path last (same logger version) or "
+                f"--ckpt_path {last}"
+                if last is not None
+                else "no checkpoint was written yet"
+            )
+        )
+        raise StreamInterrupted(128 + signum if signum else 1)
 
     def summary(self) -> dict[str, Any]:
         return {name: m.summary() for name, m in self.matrices.items()}
@@ -238,32 +382,27 @@ class TaskStream(Callback):
 
     def _resume_point(self, ckpt_path: str | Path, stream: dict[str, Any], model: IncrementalModule) -> _ResumePoint:
         path = Path(ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"ckpt_path={str(ckpt_path)!r} does not exist; give a checkpoint file of this stream, or {LAST!r} to "
-                f"resume from the newest last.ckpt of this run (or start afresh if there is none)."
-            )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        arch = checkpoint.get(CHECKPOINT_KEY)
-        if state is None or arch is None:
-            raise ValueError(f"{path} is not a lightning_cil stream checkpoint (no stream state in it).")
-        saved = state["stream"]
-        for key in ("dataset", "scenario", "class_order", "task_classes"):
-            if saved.get(key) != stream.get(key):
-                raise ValueError(
-                    f"cannot resume from {path}: its stream has {key}={_short(saved.get(key))} but this configuration "
-                    f"gives {_short(stream.get(key))}. Resume with the data settings that wrote the checkpoint."
-                )
-        task = int(arch["task_index"])
+        checkpoint = check_checkpoint(path, model, stream, "resume from")
+        state = checkpoint["callbacks"][self.state_key]
+        task = int(checkpoint[CHECKPOINT_KEY]["task_index"])
         if state["epoch_budget"][: task + 1] != self.epoch_budget[: task + 1]:
             raise ValueError(
                 f"cannot resume from {path}: it was trained with epochs per task {state['epoch_budget'][: task + 1]} "
                 f"but this configuration gives {self.epoch_budget[: task + 1]} for the same tasks."
             )
+        completed = int(state["completed_task"]) >= task
+        changed = _schedule_changes(path, checkpoint.get("hyper_parameters", {}), model, task, completed)
         self.load_state_dict(state)
         self.epoch_budget = [*state["epoch_budget"][: task + 1], *self.epoch_budget[task + 1 :]]
-        return _ResumePoint(task, int(state["completed_task"]) >= task, checkpoint["callbacks"], self.phase)
+        self._resume_record = {"checkpoint": str(path), "task": task, "task_completed": completed, "changed": changed}
+        if changed:
+            first, count = task + 2, len(self.epoch_budget)
+            later = f"tasks {first}-{count}" if first < count else f"task {count}" if first == count else "no task"
+            _print(
+                f"Resuming with changed settings, applied to {later} (the trained tasks keep the checkpoint's): "
+                + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            )
+        return _ResumePoint(task, completed, checkpoint["callbacks"], self.phase)
 
     def _evaluate(
         self,
@@ -320,8 +459,11 @@ class TaskStream(Callback):
             "tasks": self.history,
             "stream": {k: v for k, v in self.stream.items() if k != "class_names"},
             "class_names": self.stream.get("class_names"),
+            "resumes": self.state_dict()["resumes"],
         }
-        (run_dir / METRICS_FILE).write_text(json.dumps(payload, indent=2))
+        temporary = run_dir / f".{METRICS_FILE}.partial"  # written beside, then renamed: a stopped job leaves the old
+        temporary.write_text(json.dumps(payload, indent=2))
+        os.replace(temporary, run_dir / METRICS_FILE)
 
     def _save_task_checkpoint(self, trainer: Trainer, task: int) -> None:
         callback = trainer.checkpoint_callback
@@ -347,21 +489,163 @@ def last_checkpoint(trainer: Trainer) -> Path | None:
     name apart. Lightning's own ``ckpt_path="last"`` looks in the new version folder only, and would be applied to
     every task's fit: the stream resolves it once and restores only the fit of the checkpoint's task.
     """
-    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-    if dirpath:
-        folders = [Path(dirpath)]
-    elif trainer.loggers:
-        logger = trainer.loggers[0]
-        root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
-        version = getattr(logger, "_version", None)  # None until the first fit when the logger numbers versions
-        if version is None:
-            folders = [folder / "checkpoints" for folder in root.iterdir()] if root.is_dir() else []
-        else:
-            folders = [root / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"]
-    else:
-        folders = [Path(trainer.default_root_dir) / "checkpoints"]
+    folders, _ = _checkpoint_folders(trainer)
     found = [path for folder in folders if folder.is_dir() for path in folder.glob("last*.ckpt") if path.is_file()]
     return max(found, key=lambda path: (path.stat().st_mtime_ns, str(path)), default=None)
+
+
+def _checkpoint_folders(trainer: Trainer) -> tuple[list[Path], bool]:
+    """Where this trainer's checkpoints go (see :func:`last_checkpoint`), and whether that folder is already fixed
+    (False: the logger numbers a new version at the first fit, so the candidates are every version's folder)."""
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    if dirpath:
+        return [Path(dirpath)], True
+    if not trainer.loggers:
+        return [Path(trainer.default_root_dir) / "checkpoints"], True
+    logger = trainer.loggers[0]
+    root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
+    version = getattr(logger, "_version", None)  # None until the first fit when the logger numbers versions
+    if version is None:
+        return ([folder / "checkpoints" for folder in root.iterdir()] if root.is_dir() else []), False
+    return [root / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"], True
+
+
+def check_checkpoint(
+    path: str | Path, model: IncrementalModule, stream: dict[str, Any], purpose: str = "use"
+) -> dict[str, Any]:
+    """The checkpoint at ``path``, once it is known to fit the configured run: the same stream (``stream``, from
+    ``datamodule.describe()``), method, backbone and model settings. The configuration is what runs: a checkpoint
+    that differs is refused, naming the difference (``purpose`` words the refusal). Schedules are left to the
+    caller (evaluation does not use them; a resume may change them for the tasks it has not trained yet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r} does not exist; give a checkpoint file of this stream, or {LAST!r} to "
+            f"resume from the newest last.ckpt of this run (or start afresh if there is none)."
+        )
+    checkpoint = load_checkpoint(path)
+    state = checkpoint.get("callbacks", {}).get(TaskStream.__qualname__)
+    if state is None or checkpoint.get(CHECKPOINT_KEY) is None:
+        raise ValueError(f"{path} is not a lightning_cil stream checkpoint (no stream state in it).")
+    saved = state["stream"]
+    for key in STREAM_KEYS:
+        if key in saved and saved.get(key) != stream.get(key):
+            raise ValueError(
+                f"cannot {purpose} {path}: its stream has {key}={_short(saved.get(key))} but this configuration "
+                f"gives {_short(stream.get(key))}. Use the data settings that wrote the checkpoint."
+            )
+    model.check_checkpoint_identity(checkpoint)
+    hparams, mine = _plain(checkpoint.get("hyper_parameters", {})), _plain(dict(model.hparams))
+    for key in sorted(set(hparams) & set(mine)):
+        if key.startswith("_") or key in ("schedule", "first_task") or hparams[key] == mine[key]:
+            continue
+        raise ValueError(
+            f"cannot {purpose} {path}: it was trained with model.init_args.{key}={_short(hparams[key])} but this "
+            f"configuration gives {_short(mine[key])}; use the model settings that wrote the checkpoint."
+        )
+    return checkpoint
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameters as plain dicts and lists, to compare a checkpoint's with the configured ones."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
+        return _plain(value.as_dict())
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _schedule_changes(
+    path: Path, hparams: dict[str, Any], model: IncrementalModule, task: int, completed: bool
+) -> dict[str, tuple[Any, Any]]:
+    """The ``schedule`` settings this configuration changes from the checkpoint's, as ``{"schedule.lr": (old, new)}``:
+    they apply to the tasks after the checkpoint's. The task it stopped inside resumes with the checkpoint's optimizer
+    and LR scheduler, so its schedule must stay, as must ``first_task`` (task 1 is always trained by then)."""
+    hparams, defaults = _plain(hparams), asdict(TaskSchedule())
+
+    def full(value: Any) -> dict[str, Any] | None:
+        return None if value is None else {**defaults, **_plain(value)}
+
+    saved_first, my_first = full(hparams.get("first_task")), full(model.first_task_schedule)
+    saved, mine = full(hparams.get("schedule")) or defaults, asdict(model.schedule)
+
+    def refuse(index: int, name: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        if old is None or new is None:
+            was, now = f"{name}={_short(old)}", f"{name}={_short(new)}"
+        else:
+            keys = [k for k in defaults if old[k] != new[k]]
+            was, now = (", ".join(f"{name}.{k}={d[k]!r}" for k in keys) for d in (old, new))
+        redo = (
+            f"resume from {path.parent / f'task{index - 1:02d}.ckpt'} to rerun task {index + 1} with it"
+            if index > 0
+            else f"start a new run to train task {index + 1} with it"
+        )
+        raise ValueError(
+            f"cannot resume from {path}: task {index + 1} was trained with {was} but this configuration gives {now}; "
+            f"a changed schedule applies only to tasks not started yet: {redo}."
+        )
+
+    if saved_first != my_first:
+        refuse(0, "first_task", saved_first, my_first)
+    if not completed and not (task == 0 and my_first is not None) and saved != mine:
+        refuse(task, "schedule", saved, mine)
+    return {f"schedule.{k}": (saved[k], mine[k]) for k in defaults if saved[k] != mine[k]}
+
+
+def _refuse_spawned_processes(trainer: Trainer) -> None:
+    """A strategy that spawns its processes does so at every fit, and Lightning cannot fit twice that way."""
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher):
+        method = getattr(launcher, "_start_method", "spawn")
+        raise ValueError(
+            f"trainer.strategy {type(trainer.strategy).__name__} with start_method={method!r} (ddp_spawn, "
+            f"ddp_notebook, ddp_fork) starts new processes at every fit, and a stream fits once per task: its "
+            f"second task would fail. Use --trainer.strategy ddp, which launches the processes once for the stream."
+        )
+
+
+def _refuse_unwritable_folders(trainer: Trainer) -> None:
+    """Say before training, not in the first checkpoint's write, that the run's folders cannot be written."""
+    folders = [Path(trainer.default_root_dir)]
+    folders += [Path(logger.save_dir) for logger in trainer.loggers if getattr(logger, "save_dir", None)]
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    folders += [Path(dirpath)] if dirpath else []
+    for folder in dict.fromkeys(folders):
+        existing = folder.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is a file")
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise ValueError(
+                f"the run folder {folder} cannot be written ({existing}: {reason}); give a writable "
+                f"trainer.default_root_dir and trainer.logger.init_args.save_dir."
+            ) from None
+
+
+def _refuse_existing_run(trainer: Trainer) -> None:
+    """A fresh stream never writes over the checkpoints or metrics of another run in the same folder."""
+    folders, fixed = _checkpoint_folders(trainer)
+    if not fixed:
+        return  # the logger numbers a new version folder for this run
+    found = sorted(path.name for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt"))
+    run_dir = folders[0].parent if folders[0].name == "checkpoints" else None
+    if run_dir is not None and (run_dir / METRICS_FILE).is_file():
+        found.append(METRICS_FILE)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ValueError(
+            f"{folders[0]} already holds a stream's files ({shown}); a fresh run would overwrite them. Resume that "
+            f"run with --ckpt_path {LAST}, or give this one another trainer.logger.init_args.version (or folder)."
+        )
 
 
 def _refuse_implicit_checkpoints(trainer: Trainer) -> None:
