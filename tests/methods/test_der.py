@@ -79,16 +79,19 @@ def test_old_extractors_stay_bitwise_frozen_and_the_model_grows(digits_der, prun
 
 
 def test_pruning_removes_parameters_on_the_same_stream(digits_der):
-    """Calibration (seed 0, lambda_s 10, 4 epochs per task): parameters per task 260,374 / 509,541 / 770,634
-    with pruning against 269,044 / 538,471 / 808,282 without (-3.2%, -5.4%, -4.7%); average incremental
-    accuracy 67.0% against 61.6%. Short streams leave the masks little time: lambda_s 20 collapsed a stage."""
+    """Calibration (seed 0, lambda_s 10, 4 epochs per task, mask embeddings without weight decay as in HAT):
+    parameters per task 263,264 / 529,792 / 796,698 with pruning against 269,044 / 538,471 / 808,282 without
+    (-2.1%, -1.6%, -1.4%: each extractor keeps 62-63 of its 64 output channels); average incremental accuracy
+    64.3% against 57.7%. Four epochs leave the masks little time, and the sparsity weight has a cliff on this
+    stream: lambda_s 11 keeps 51 / 59 / 61 channels (54.9%), 12 and above collapse a stage to a few channels
+    (at most 25%). The test stays at 10, away from the cliff, and asks for channels removed in every task."""
     unpruned = [t["num_parameters"] for t in digits_der[False][2]["tasks"]]
     pruned_model, _, metrics = digits_der[True]
     pruned = [t["num_parameters"] for t in metrics["tasks"]]
     assert pruned[0] < unpruned[0]
-    assert pruned[1] < 0.98 * unpruned[1] and pruned[2] < 0.98 * unpruned[2], (pruned, unpruned)
+    assert all(p < u for p, u in zip(pruned, unpruned)), (pruned, unpruned)
     assert len(pruned_model.pruning_history) == 3 and all(0 < f < 1 for f in pruned_model.pruning_history)
-    assert all(e.out_dim <= 64 for e in pruned_model.backbone.extractors)
+    assert all(e.out_dim < 64 for e in pruned_model.backbone.extractors)  # every task removed output channels
     assert metrics["summary"]["avg_incremental_accuracy"] > 50  # pruning did not break the model
     assert digits_der[False][0].pruning_history == []
 
