@@ -79,14 +79,15 @@ def test_old_extractors_stay_bitwise_frozen_and_the_model_grows(digits_der, prun
 
 
 def test_pruning_removes_parameters_on_the_same_stream(digits_der):
-    """Calibration (seed 0, lambda_s 10, 4 epochs per task): parameters per task 260,374 / 509,541 / 770,634
-    with pruning against 269,044 / 538,471 / 808,282 without (-3.2%, -5.4%, -4.7%); average incremental
-    accuracy 67.0% against 61.6%. Short streams leave the masks little time: lambda_s 20 collapsed a stage."""
+    """Calibration (seed 0, lambda_s 10, 4 epochs per task): parameters per task 263,264 / 529,792 / 796,698
+    with pruning against 269,044 / 538,471 / 808,282 without (-2.1%, -1.6%, -1.4%). With weight decay on the mask
+    embeddings (before they got their own group, as in HAT) decay helped switch channels off: 260,374 / 509,541 /
+    770,634 (-3.2%, -5.4%, -4.7%). Short streams leave the masks little time: lambda_s 20 collapsed a stage."""
     unpruned = [t["num_parameters"] for t in digits_der[False][2]["tasks"]]
     pruned_model, _, metrics = digits_der[True]
     pruned = [t["num_parameters"] for t in metrics["tasks"]]
     assert pruned[0] < unpruned[0]
-    assert pruned[1] < 0.98 * unpruned[1] and pruned[2] < 0.98 * unpruned[2], (pruned, unpruned)
+    assert pruned[1] < 0.99 * unpruned[1] and pruned[2] < 0.99 * unpruned[2], (pruned, unpruned)
     assert len(pruned_model.pruning_history) == 3 and all(0 < f < 1 for f in pruned_model.pruning_history)
     assert all(e.out_dim <= 64 for e in pruned_model.backbone.extractors)
     assert metrics["summary"]["avg_incremental_accuracy"] > 50  # pruning did not break the model
