@@ -84,6 +84,17 @@ def make_trainer(root: Path, **overrides) -> L.Trainer:
     return L.Trainer(**options)
 
 
+class CrashAtEpoch(L.Callback):
+    """Simulates a killed job at the start of a given (global) epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
 #: The Split CIFAR-10 configs shrunk for a CPU: 200 train / 100 test images per class, ResNet-20, 6 epochs per task.
 SPLIT_CIFAR10_OVERRIDES = (
     "--seed_everything",

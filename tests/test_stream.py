@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import CrashAtEpoch, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -31,17 +31,6 @@ def _metrics(root: Path) -> dict:
     return json.loads((root / "run" / "version_0" / "metrics.json").read_text())
 
 
-class _Crash(L.Callback):
-    """Simulates a killed job at the start of a given (global) epoch."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
-
-
 def _pruned_der() -> DER:
     """DER with channel masks: a checkpoint mid-task holds the masks, one at a task end the pruned shapes."""
     schedule = TaskSchedule(epochs=3, lr=0.05, milestones=[])
@@ -51,7 +40,7 @@ def _pruned_der() -> DER:
 def _run(root: Path, seed: int = 5, crash_at: int | None = None, ckpt_path=None, method=_model, **data):
     L.seed_everything(seed)
     model, dm = method(), _digits_stream(**data)
-    callbacks = [_Crash(crash_at)] if crash_at is not None else []
+    callbacks = [CrashAtEpoch(crash_at)] if crash_at is not None else []
     trainer = make_trainer(root, callbacks=callbacks)
     run_stream(trainer, model, dm, ckpt_path=ckpt_path)
     return model

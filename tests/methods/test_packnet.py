@@ -6,7 +6,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import digits_stream, make_trainer
+from conftest import CrashAtEpoch, digits_stream, make_trainer
 
 from lightning_cil import PackNet, TaskSchedule, run_stream
 from lightning_cil.networks import build_backbone
@@ -74,20 +74,11 @@ def test_packnet_keeps_learning_after_an_evaluation_inside_its_fit(tmp_path):
     assert changes.changed == [True] * 6, changes.changed
 
 
-class _Crash(L.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
-
-
 def _stream(root, crash_at: int | None = None, ckpt_path=None) -> PackNet:
     """2 tasks of 4 epochs: task 0 trains epochs 0-1 (fit 1), prunes, retrains epochs 2-3 (fit 2)."""
     L.seed_everything(0)
     model = _packnet(epochs=4, retrain_epochs=2)
-    trainer = make_trainer(root, callbacks=[_Crash(crash_at)] if crash_at is not None else [])
+    trainer = make_trainer(root, callbacks=[CrashAtEpoch(crash_at)] if crash_at is not None else [])
     run_stream(trainer, model, _digits(), ckpt_path=ckpt_path)
     return model
 
