@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -13,54 +13,16 @@ from torch.utils.data import Dataset
 
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.data.task_data import TaskData
+from lightning_cil.methods.schedule import TaskSchedule
 from lightning_cil.metrics import TaskAccuracy
-from lightning_cil.networks import IncrementalLinear, build_backbone
+from lightning_cil.networks import IncrementalLinear
+from lightning_cil.networks.backbones import BackboneSpec, backbone_name, build_backbone
 from lightning_cil.precision import check_precision, full_precision
 
 __all__ = ["IncrementalModule", "TaskSchedule", "CHECKPOINT_KEY"]
 
 #: where a lightning_cil checkpoint describes the architecture it holds
 CHECKPOINT_KEY = "lightning_cil"
-
-
-@dataclass
-class TaskSchedule:
-    """Optimisation of one task: every CIL paper gives the first task its own epochs and learning rates.
-
-    Args:
-        epochs: training epochs of the task.
-        lr: initial learning rate.
-        optimizer: ``sgd``, ``adam`` or ``adamw``.
-        momentum: SGD momentum.
-        weight_decay: L2 penalty.
-        milestones: epochs (counted within the task) after which the LR is multiplied by ``gamma``.
-        gamma: LR decay factor.
-        warmup_epochs: linear LR warm-up epochs at the start of the task.
-    """
-
-    epochs: int = 70
-    lr: float = 0.1
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-
-    def check(self, name: str) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"{name}.epochs={self.epochs} must be at least 1.")
-        if self.lr <= 0:
-            raise ValueError(f"{name}.lr={self.lr} must be positive.")
-        bad = [m for m in self.milestones if not 0 < m < self.epochs]
-        if bad:
-            raise ValueError(f"{name}.milestones {bad} must lie within 1..{self.epochs - 1} (epochs={self.epochs}).")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"{name}.warmup_epochs={self.warmup_epochs} must be in 0..{self.epochs - 1}.")
-
-
-# Hyperparameters saved in checkpoints hold TaskSchedule objects: allow them under weights_only loading.
-torch.serialization.add_safe_globals([TaskSchedule])
 
 
 class IncrementalModule(LightningModule):
@@ -75,10 +37,14 @@ class IncrementalModule(LightningModule):
     stream's data through :attr:`task_data`, never through the trainer.
 
     Args:
-        backbone: feature extractor name (see ``lightning_cil.networks.list_backbones()``).
+        backbone: the feature extractor: a registered name (``lightning_cil.networks.list_backbones()``),
+            ``timm:<model>``, ``torchvision:<model>``, or any ``nn.Module`` (a ``class_path``) that returns one
+            feature vector per image (see ``networks/backbones.py``).
         in_channels: image channels (set from the data module by the CLI).
         schedule: optimisation of every task after the first (of every task if first_task is unset).
         first_task: optimisation of the first task.
+        pretrained: backbone weights: ``hub`` (a timm/torchvision backbone's own weights; needs internet) or a
+            local file (``.pth``, ``.safetensors``, a lightning_cil ``.ckpt``); None: random initialisation.
     """
 
     #: the data module trains on all tasks seen so far, not only the current one (Joint)
@@ -88,19 +54,22 @@ class IncrementalModule(LightningModule):
 
     def __init__(
         self,
-        backbone: str = "resnet32",
+        backbone: BackboneSpec = "resnet32",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # a module given as backbone is saved with the weights, not pickled into the hyperparameters
+        self.save_hyperparameters(ignore=["backbone"])
+        self.hparams["backbone"] = backbone_name(backbone)
         self.schedule = schedule or TaskSchedule()
         self.first_task_schedule = first_task
         self.schedule.check("schedule")
         if first_task is not None:
             first_task.check("first_task")
-        self.backbone = self._build_backbone(backbone, in_channels)
+        self.backbone = self._build_backbone(backbone, in_channels, pretrained)
         self.head = IncrementalLinear(self.backbone.out_dim)
         self.task_index = -1
         self.num_tasks = 0
@@ -111,9 +80,14 @@ class IncrementalModule(LightningModule):
         self.last_evaluation: dict[str, dict[str, list[int]]] = {}
         self._task_data: TaskData | None = None
 
-    def _build_backbone(self, name: str, in_channels: int) -> nn.Module:
+    def _build_backbone(self, spec: BackboneSpec, in_channels: int, pretrained: str | None) -> nn.Module:
         """The feature extractor (methods that grow their own, like DER, override this)."""
-        return build_backbone(name, in_channels)
+        return build_backbone(spec, in_channels, pretrained)
+
+    def backbone_data_config(self) -> dict[str, Any] | None:
+        """The input the backbone was trained for (timm's data config: input size, mean/std, interpolation), used
+        for the data's default transforms; None for backbones without one."""
+        return getattr(self.backbone, "data_config", None)
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
@@ -203,25 +177,13 @@ class IncrementalModule(LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """What the optimizer trains: the trainable parameters at the schedule's learning rate. A method whose parts
-        need their own learning rate returns several groups (a group's ``lr`` overrides the schedule's)."""
+        need their own learning rate returns several groups: a group's ``lr_scale`` multiplies the schedule's ``lr``
+        (e.g. SLCA's backbone at 0.01 of the head's), a group's ``lr`` replaces it."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        schedule = self.schedule_for_task(max(self.task_index, 0))
-        params = self.parameter_groups()
-        if schedule.optimizer == "sgd":
-            opt = torch.optim.SGD(params, schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
-        elif schedule.optimizer == "adam":
-            opt = torch.optim.Adam(params, schedule.lr, weight_decay=schedule.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, schedule.lr, weight_decay=schedule.weight_decay)
-        decay = torch.optim.lr_scheduler.MultiStepLR(opt, schedule.milestones, schedule.gamma)
-        if schedule.warmup_epochs:
-            warmup = torch.optim.lr_scheduler.LinearLR(
-                opt, 1.0 / (schedule.warmup_epochs + 1), 1.0, schedule.warmup_epochs
-            )
-            decay = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, decay], [schedule.warmup_epochs])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "epoch"}}
+        optimizer, scheduler = self.schedule_for_task(max(self.task_index, 0)).build(self.parameter_groups())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ evaluation
 

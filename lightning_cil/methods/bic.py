@@ -13,6 +13,7 @@ from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule
 from lightning_cil.methods.rehearsal import RehearsalModule
+from lightning_cil.networks.backbones import BackboneSpec
 from lightning_cil.precision import full_precision
 
 __all__ = ["BiC"]
@@ -43,10 +44,11 @@ class BiC(RehearsalModule, DistillationModule):
 
     def __init__(
         self,
-        backbone: str = "resnet32",
+        backbone: BackboneSpec = "resnet32",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
         memory_budget: int | None = 2000,
         memory_per_class: int | None = None,
         selection: Selection = "herding",
@@ -55,7 +57,9 @@ class BiC(RehearsalModule, DistillationModule):
         bias_epochs: int = 200,
         bias_lr: float = 0.1,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task, memory_budget, memory_per_class, selection)
+        super().__init__(
+            backbone, in_channels, schedule, first_task, pretrained, memory_budget, memory_per_class, selection
+        )
         if not 0 < val_ratio < 1:
             raise ValueError(f"val_ratio={val_ratio} must be in (0, 1).")
         self.register_buffer("held_out", torch.zeros(0, dtype=torch.long), persistent=False)

@@ -13,6 +13,8 @@ from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.rehearsal import RehearsalModule
 from lightning_cil.networks import ExpandableBackbone, IncrementalLinear
+from lightning_cil.networks.backbones import BackboneSpec
+from lightning_cil.networks.channel_pruning import resnet_layout
 from lightning_cil.precision import full_precision
 
 __all__ = ["DER"]
@@ -57,7 +59,7 @@ class DER(RehearsalModule):
 
     Args:
         backbone: per-task extractor (official CIFAR: ``resnet18_cifar``; ImageNet: ``resnet18``).
-        in_channels: image channels.
+        in_channels / pretrained: as for every method.
         schedule / first_task: optimisation of later / first tasks.
         memory_budget / memory_per_class / selection: the exemplar memory (2,000 total, herding).
         aux_weight: weight of the auxiliary loss (1 in the paper).
@@ -73,10 +75,11 @@ class DER(RehearsalModule):
 
     def __init__(
         self,
-        backbone: str = "resnet18_cifar",
+        backbone: BackboneSpec = "resnet18_cifar",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
         memory_budget: int | None = 2000,
         memory_per_class: int | None = None,
         selection: Selection = "herding",
@@ -90,7 +93,9 @@ class DER(RehearsalModule):
         mask_scale_max: float = 400.0,
         mask_scale_min: float = 1.0,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task, memory_budget, memory_per_class, selection)
+        super().__init__(
+            backbone, in_channels, schedule, first_task, pretrained, memory_budget, memory_per_class, selection
+        )
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be positive.")
         if balance_epochs < 0:
@@ -107,8 +112,11 @@ class DER(RehearsalModule):
         #: per finished task, the fraction of F_t's channels its masks kept (empty without pruning)
         self.pruning_history: list[float] = []
 
-    def _build_backbone(self, name: str, in_channels: int) -> nn.Module:
-        return ExpandableBackbone(name, in_channels)
+    def _build_backbone(self, spec: BackboneSpec, in_channels: int, pretrained: str | None) -> nn.Module:
+        backbone = ExpandableBackbone(spec, in_channels, pretrained)
+        if self.hparams.prune:
+            resnet_layout(backbone.extractors[0])  # refuses, before any training, a backbone it cannot prune
+        return backbone
 
     # ------------------------------------------------------------------ task hooks
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.networks.backbones import BackboneSpec
 from lightning_cil.precision import full_precision
 
 __all__ = ["EWC"]
@@ -40,16 +41,17 @@ class EWC(IncrementalModule):
 
     def __init__(
         self,
-        backbone: str = "resnet32",
+        backbone: BackboneSpec = "resnet32",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
         ewc_lambda: float = 1000.0,
         online: bool = True,
         gamma: float | None = None,
         fisher_max: float | None = 1e-4,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task)
+        super().__init__(backbone, in_channels, schedule, first_task, pretrained)
         if ewc_lambda < 0 or (gamma is not None and not 0 < gamma <= 1):
             raise ValueError(f"ewc_lambda={ewc_lambda} must be >= 0 and gamma={gamma} None or in (0, 1].")
         #: one entry per penalty: {parameter name: (fisher, old value)}

@@ -13,6 +13,7 @@ from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule, kd_loss
 from lightning_cil.methods.rehearsal import RehearsalModule
+from lightning_cil.networks.backbones import BackboneSpec
 
 __all__ = ["ICaRL"]
 
@@ -38,7 +39,7 @@ class ICaRL(RehearsalModule, DistillationModule):
 
     Args:
         backbone: feature extractor (ResNet-32 in the paper).
-        in_channels: image channels.
+        in_channels / pretrained: as for every method.
         schedule: optimisation of later tasks (paper: 70 epochs, lr 2.0, /5 after 49 and 63, wd 1e-5).
         first_task: optimisation of the first task (default: the same as later tasks).
         memory_budget: total exemplars K (2,000 in the paper); None to use memory_per_class.
@@ -52,17 +53,20 @@ class ICaRL(RehearsalModule, DistillationModule):
 
     def __init__(
         self,
-        backbone: str = "resnet32",
+        backbone: BackboneSpec = "resnet32",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
         memory_budget: int | None = 2000,
         memory_per_class: int | None = None,
         selection: Selection = "herding",
         loss: Literal["bce", "kd"] = "bce",
         temperature: float = 2.0,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task, memory_budget, memory_per_class, selection)
+        super().__init__(
+            backbone, in_channels, schedule, first_task, pretrained, memory_budget, memory_per_class, selection
+        )
         if loss not in ("bce", "kd"):
             raise ValueError(f"loss={loss!r} is unknown; choose 'bce' (iCaRL paper) or 'kd' (PyCIL).")
         if temperature <= 0:

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule, kd_loss
+from lightning_cil.networks.backbones import BackboneSpec
 
 __all__ = ["LwF"]
 
@@ -19,21 +20,22 @@ class LwF(DistillationModule):
     does not push the old classes' logits down on data that holds none of them; the KD term keeps them.
 
     Args:
-        backbone / in_channels / schedule / first_task: as for every method.
+        backbone / in_channels / schedule / first_task / pretrained: as for every method.
         temperature: distillation temperature (2).
         kd_weight: weight of the distillation term (3).
     """
 
     def __init__(
         self,
-        backbone: str = "resnet32",
+        backbone: BackboneSpec = "resnet32",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
         temperature: float = 2.0,
         kd_weight: float = 3.0,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task)
+        super().__init__(backbone, in_channels, schedule, first_task, pretrained)
         if temperature <= 0 or kd_weight < 0:
             raise ValueError(f"temperature={temperature} must be positive and kd_weight={kd_weight} >= 0.")
 

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
+from lightning_cil.networks.backbones import BackboneSpec
 from lightning_cil.networks.heads import TaskHeads
-from lightning_cil.networks.pretrained import load_pretrained
 
 __all__ = ["TaskMaskedModule"]
 
@@ -26,22 +26,20 @@ class TaskMaskedModule(IncrementalModule):
     task-specific BatchNorm.
 
     Args:
-        backbone / in_channels / schedule / first_task: as for every method.
-        pretrained: backbone weights: a torchvision state dict (``.pth``), a lightning_cil checkpoint
-            (``.ckpt``; its backbone), or ``torchvision:<Weights>`` (downloads; needs internet).
+        backbone / in_channels / schedule / first_task / pretrained: as for every method.
+        pretrained: backbone weights (see :class:`IncrementalModule`); also ``torchvision:<Weights>`` (e.g.
+            ``torchvision:ResNet18_Weights.IMAGENET1K_V1``, downloads) for the registered ResNets.
     """
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        backbone: BackboneSpec = "resnet18",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
         pretrained: str | None = None,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task)
-        if pretrained is not None:
-            load_pretrained(self.backbone, pretrained)
+        super().__init__(backbone, in_channels, schedule, first_task, pretrained)
         self.backbone.requires_grad_(False)
         self.head = TaskHeads(self.backbone.out_dim)
         self.active_task = -1

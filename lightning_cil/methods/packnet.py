@@ -10,6 +10,7 @@ import torch
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.masking import TaskMaskedModule
+from lightning_cil.networks.backbones import BackboneSpec
 from lightning_cil.networks.weight_masks import PackNetWeight, attach, masked_layers
 
 __all__ = ["PackNet"]
@@ -51,7 +52,7 @@ class PackNet(TaskMaskedModule):
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        backbone: BackboneSpec = "resnet18",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,

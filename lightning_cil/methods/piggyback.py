@@ -10,6 +10,7 @@ from torch import nn
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.masking import TaskMaskedModule
+from lightning_cil.networks.backbones import BackboneSpec
 from lightning_cil.networks.weight_masks import (
     PiggybackMask,
     attach,
@@ -52,7 +53,7 @@ class Piggyback(TaskMaskedModule):
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        backbone: BackboneSpec = "resnet18",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,

@@ -9,6 +9,7 @@ from torch import Tensor
 from lightning_cil.data.memory import ExemplarMemory, Selection
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule, TaskSchedule
+from lightning_cil.networks.backbones import BackboneSpec
 
 __all__ = ["RehearsalModule"]
 
@@ -24,7 +25,7 @@ class RehearsalModule(IncrementalModule):
     keys ``memory_budget``, ``memory_per_class`` and ``selection``.
 
     Args:
-        backbone / in_channels / schedule / first_task: as for :class:`IncrementalModule`.
+        backbone / in_channels / schedule / first_task / pretrained: as for :class:`IncrementalModule`.
         memory_budget: total exemplars (2,000 for CIFAR-100 in iCaRL, PyCIL and DER); None to use memory_per_class.
         memory_per_class: fixed exemplars per class instead of a total.
         selection: ``herding`` (iCaRL), ``random`` or ``closest`` (nearest to the class mean).
@@ -32,15 +33,16 @@ class RehearsalModule(IncrementalModule):
 
     def __init__(
         self,
-        backbone: str = "resnet32",
+        backbone: BackboneSpec = "resnet32",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
         memory_budget: int | None = 2000,
         memory_per_class: int | None = None,
         selection: Selection = "herding",
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task)
+        super().__init__(backbone, in_channels, schedule, first_task, pretrained)
         self.memory = ExemplarMemory(memory_budget, memory_per_class, selection)
 
     def on_task_start(self, task: TaskInfo) -> None:

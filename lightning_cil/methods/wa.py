@@ -12,6 +12,7 @@ from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
 from lightning_cil.methods.distillation import DistillationModule
 from lightning_cil.methods.rehearsal import RehearsalModule
+from lightning_cil.networks.backbones import BackboneSpec
 from lightning_cil.precision import full_precision
 
 __all__ = ["WA"]
@@ -38,16 +39,19 @@ class WA(RehearsalModule, DistillationModule):
 
     def __init__(
         self,
-        backbone: str = "resnet32",
+        backbone: BackboneSpec = "resnet32",
         in_channels: int = 3,
         schedule: TaskSchedule | None = None,
         first_task: TaskSchedule | None = None,
+        pretrained: str | None = None,
         memory_budget: int | None = 2000,
         memory_per_class: int | None = None,
         selection: Selection = "herding",
         temperature: float = 2.0,
     ) -> None:
-        super().__init__(backbone, in_channels, schedule, first_task, memory_budget, memory_per_class, selection)
+        super().__init__(
+            backbone, in_channels, schedule, first_task, pretrained, memory_budget, memory_per_class, selection
+        )
         self.alignment: list[tuple[float, float, float]] = []
 
     def training_loss(self, logits: Tensor, labels: Tensor, images: Tensor) -> Tensor:

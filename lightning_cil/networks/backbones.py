@@ -1,15 +1,50 @@
-"""Feature extractors by name. Every backbone maps images to a flat feature vector of size ``out_dim``."""
+"""Feature extractors. Every backbone maps images to a flat feature vector of size ``out_dim``.
+
+A backbone is given as
+- a registered name (``resnet32``, ``resnet20``, ``resnet18``, ``resnet18_cifar``),
+- ``timm:<model>``: ``timm.create_model(<model>, num_classes=0)``, its feature size from ``num_features`` and its
+  data configuration (input size, mean/std, interpolation) kept as ``data_config`` for the default transforms,
+- ``torchvision:<model>``: ``torchvision.models.get_model(<model>)`` with its last linear layer (the classifier)
+  replaced by the identity,
+- or any ``nn.Module`` (a ``class_path`` in YAML) that returns one feature vector per image.
+
+Weights (``pretrained``): ``hub`` (timm's or torchvision's default weights; needs internet) or a local file, see
+``pretrained.py``.
+"""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
-__all__ = ["BACKBONES", "build_backbone", "list_backbones", "register_backbone"]
+from lightning_cil.networks.pretrained import HUB, load_pretrained
+
+__all__ = [
+    "BACKBONES",
+    "BackboneSpec",
+    "backbone_name",
+    "build_backbone",
+    "feature_size",
+    "list_backbones",
+    "register_backbone",
+    "replace_submodule",
+]
+
+#: what ``backbone`` accepts: a registered name, ``timm:<model>``, ``torchvision:<model>``, or a module
+BackboneSpec = str | nn.Module
+
+TIMM_PREFIX = "timm:"
+TORCHVISION_PREFIX = "torchvision:"
+#: attributes read, in this order, for the feature size of a module given by the user
+SIZE_ATTRIBUTES = ("out_dim", "num_features", "embed_dim", "feature_dim")
+#: input sizes of the dummy forward that checks (or finds) a module's feature size, tried in order
+PROBE_SIZES = (224, 64, 32)
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -26,11 +61,172 @@ def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 
 
-def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
-    """A backbone from the registry; it has an ``out_dim`` attribute."""
-    if name not in BACKBONES:
-        raise ValueError(f"backbone={name!r} is unknown; choose one of {list_backbones()}.")
-    return BACKBONES[name](in_channels=in_channels)
+def backbone_name(spec: BackboneSpec) -> str:
+    """How a backbone is recorded in checkpoints and run files: the name given, or a module's import path."""
+    if isinstance(spec, nn.Module):
+        return f"{type(spec).__module__}.{type(spec).__qualname__}"
+    return spec
+
+
+def build_backbone(spec: BackboneSpec, in_channels: int = 3, pretrained: str | None = None) -> nn.Module:
+    """The feature extractor ``spec`` describes, with an ``out_dim`` attribute and, if given, ``pretrained``
+    weights. A module given by the user is used as it is (not copied)."""
+    if isinstance(spec, nn.Module):
+        backbone = spec
+        _set_feature_size(backbone, feature_size(backbone, in_channels, backbone_name(spec)))
+    elif not isinstance(spec, str):
+        raise ValueError(
+            f"backbone={spec!r} must be a name (see list_backbones()), timm:<model>, "
+            f"torchvision:<model> or an nn.Module."
+        )
+    elif spec.startswith(TIMM_PREFIX):
+        backbone = _timm_backbone(spec[len(TIMM_PREFIX) :], in_channels, pretrained == HUB)
+    elif spec.startswith(TORCHVISION_PREFIX):
+        backbone = _torchvision_backbone(spec[len(TORCHVISION_PREFIX) :], in_channels, pretrained == HUB)
+    elif spec in BACKBONES:
+        backbone = BACKBONES[spec](in_channels=in_channels)
+    else:
+        raise ValueError(
+            f"backbone={spec!r} is unknown; choose one of {list_backbones()}, timm:<model> (e.g. "
+            f"timm:vit_base_patch16_224), torchvision:<model> (e.g. torchvision:resnet50), or give a module by "
+            f"class_path."
+        )
+    if pretrained == HUB:
+        if not isinstance(spec, str) or not spec.startswith((TIMM_PREFIX, TORCHVISION_PREFIX)):
+            raise ValueError(
+                f"pretrained='hub' downloads the weights of a timm: or torchvision: backbone; backbone="
+                f"{backbone_name(spec)!r} has none there. Give a weights file (pretrained: path/to/weights.pth)."
+            )
+    elif pretrained is not None:
+        load_pretrained(backbone, pretrained)
+    return backbone
+
+
+def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` (dotted, as in ``named_modules``) inside ``root``."""
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _set_feature_size(backbone: nn.Module, size: int) -> None:
+    if getattr(backbone, "out_dim", None) != size:
+        backbone.out_dim = size
+
+
+def feature_size(backbone: nn.Module, in_channels: int, name: str, input_size: int | None = None) -> int:
+    """The size of the feature vector ``backbone`` returns, checked by one dummy forward (batch of 2, eval mode).
+
+    The forward runs at ``input_size`` if given, else at the first of :data:`PROBE_SIZES` the module accepts. A
+    module that declares its size (:data:`SIZE_ATTRIBUTES`) must return that size; one that no dummy input fits
+    is taken at its declared size. Raises if the output is not ``(batch, features)``.
+    """
+    declared = next((v for a in SIZE_ATTRIBUTES if isinstance(v := getattr(backbone, a, None), int) and v > 0), None)
+    errors = []
+    for size in (input_size,) if input_size else PROBE_SIZES:
+        probe = torch.zeros(2, in_channels, size, size)
+        try:
+            output = _dummy_forward(backbone, probe)
+        except Exception as error:  # a module may refuse an input size: try the next one
+            errors.append(f"{size}x{size}: {type(error).__name__}: {error}")
+            continue
+        if not isinstance(output, Tensor) or output.ndim != 2 or output.shape[0] != 2:
+            found = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise ValueError(
+                f"backbone {name} returns {found} for an input of shape {tuple(probe.shape)}; a backbone must "
+                f"return one feature vector per image, shape (batch, features): end it with global pooling and "
+                f"a flatten (a timm model: num_classes=0)."
+            )
+        if declared is not None and declared != output.shape[1]:
+            raise ValueError(
+                f"backbone {name} declares {declared} features but returns {output.shape[1]} for an input of shape "
+                f"{tuple(probe.shape)}."
+            )
+        return int(output.shape[1])
+    if declared is not None:
+        return declared
+    raise ValueError(
+        f"backbone {name}: no dummy input of sizes {list(PROBE_SIZES)} with {in_channels} channels runs through it "
+        f"({errors[-1][:200]}); give the module an `out_dim` attribute with its feature size."
+    )
+
+
+@torch.no_grad()
+def _dummy_forward(backbone: nn.Module, probe: Tensor) -> Any:
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        return backbone(probe)
+    finally:
+        backbone.train(was_training)
+
+
+def _timm_backbone(model: str, in_channels: int, hub: bool) -> nn.Module:
+    try:
+        import timm
+    except ImportError as error:
+        raise ValueError(f"backbone='timm:{model}' needs timm: pip install timm ({error}).") from error
+    try:
+        backbone = timm.create_model(model, pretrained=hub, num_classes=0, in_chans=in_channels)
+    except RuntimeError as error:
+        if "Unknown model" not in str(error):
+            raise
+        close = difflib.get_close_matches(model.split(".")[0], timm.list_models(), n=5)
+        raise ValueError(
+            f"backbone='timm:{model}' is not a timm model; similar names: {close or 'none'} (all: timm.list_models())."
+        ) from error
+    except Exception as error:  # the hub download: no internet, no such weights tag
+        if not hub:
+            raise
+        raise ValueError(
+            f"pretrained='hub': the weights of timm:{model} could not be fetched ({type(error).__name__}: "
+            f"{str(error)[:200]}); without internet give a local file: pretrained: path/to/weights.safetensors."
+        ) from error
+    backbone.data_config = timm.data.resolve_data_config({}, model=backbone)
+    size = backbone.data_config["input_size"][-1]
+    _set_feature_size(backbone, feature_size(backbone, in_channels, f"timm:{model}", size))
+    return backbone
+
+
+def _torchvision_backbone(model: str, in_channels: int, hub: bool) -> nn.Module:
+    from torchvision import models
+
+    if model not in models.list_models():
+        close = difflib.get_close_matches(model, models.list_models(), n=5)
+        raise ValueError(
+            f"backbone='torchvision:{model}' is not a torchvision model; similar names: {close or 'none'} "
+            f"(all: torchvision.models.list_models())."
+        )
+    if in_channels != 3:
+        raise ValueError(
+            f"backbone='torchvision:{model}' takes RGB images; the data has {in_channels} channel(s). Use a "
+            f"registered backbone or timm:<model> (in_chans={in_channels})."
+        )
+    try:
+        net = models.get_model(model, weights=models.get_model_weights(model).DEFAULT if hub else None)
+    except Exception as error:
+        if not hub:
+            raise
+        raise ValueError(
+            f"pretrained='hub': the weights of torchvision:{model} could not be fetched ({type(error).__name__}: "
+            f"{str(error)[:200]}); without internet give a local file: pretrained: path/to/weights.pth."
+        ) from error
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"backbone='torchvision:{model}' has no linear classifier to remove; give it as a module by class_path "
+            f"with its own feature output."
+        )
+    classifier = net.get_submodule(linears[-1])
+    replace_submodule(net, linears[-1], nn.Identity())
+    net.classifier_path = linears[-1]  # its weights in a torchvision state dict are skipped when loading one
+    size = feature_size(net, in_channels, f"torchvision:{model}")
+    if size != classifier.in_features:
+        raise ValueError(
+            f"backbone='torchvision:{model}': removing its last linear layer ({linears[-1]}) leaves {size} outputs, "
+            f"not the classifier's {classifier.in_features} inputs; give it as a module by class_path."
+        )
+    net.out_dim = size
+    return net
 
 
 class _CifarBlock(nn.Module):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_cil.networks.backbones import CifarResNet, _CifarBlock, _TorchvisionFeatures
+from lightning_cil.networks.backbones import CifarResNet, _CifarBlock, _TorchvisionFeatures, replace_submodule
 
 __all__ = ["ChannelGates", "prune_channels", "resnet_layout"]
 
@@ -214,11 +214,6 @@ def _sliced_bn(bn: nn.BatchNorm2d, idx: Tensor) -> nn.BatchNorm2d:
     return new.requires_grad_(bn.weight.requires_grad).train(bn.training)
 
 
-def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 @torch.no_grad()
 def prune_channels(extractor: nn.Module, kept: list[Tensor]) -> None:
     """Remove, in place, every channel not in ``kept`` (per gate, as from :meth:`ChannelGates.kept`).
@@ -248,6 +243,6 @@ def prune_channels(extractor: nn.Module, kept: list[Tensor]) -> None:
     for spec in layout.convs:
         out_idx = kept[spec.out_gate]
         in_idx = None if spec.in_gate is None else kept[spec.in_gate]
-        _replace(extractor, spec.conv, _sliced_conv(extractor.get_submodule(spec.conv), out_idx, in_idx))
-        _replace(extractor, spec.bn, _sliced_bn(extractor.get_submodule(spec.bn), out_idx))
+        replace_submodule(extractor, spec.conv, _sliced_conv(extractor.get_submodule(spec.conv), out_idx, in_idx))
+        replace_submodule(extractor, spec.bn, _sliced_bn(extractor.get_submodule(spec.bn), out_idx))
     extractor.out_dim = len(kept[layout.stages - 1])

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from lightning_cil.networks.backbones import build_backbone
+from lightning_cil.networks.backbones import BackboneSpec, build_backbone
 from lightning_cil.networks.channel_pruning import ChannelGates, prune_channels
 
 __all__ = ["ExpandableBackbone"]
@@ -25,12 +25,17 @@ class ExpandableBackbone(nn.Module):
     pruned remains. ``kept_channels[i]`` records how extractor i was pruned (None: not pruned).
     """
 
-    def __init__(self, name: str, in_channels: int = 3) -> None:
+    def __init__(self, spec: BackboneSpec, in_channels: int = 3, pretrained: str | None = None) -> None:
         super().__init__()
-        self.extractors = nn.ModuleList([build_backbone(name, in_channels)])
+        self.extractors = nn.ModuleList([build_backbone(spec, in_channels, pretrained)])
         self.gates: ChannelGates | None = None
         self.template: nn.Module | None = None
         self.kept_channels: list[list[Tensor] | None] = [None]
+
+    @property
+    def data_config(self) -> dict | None:
+        """The input the extractors were built for (timm's data config), if known."""
+        return getattr(self.extractors[0], "data_config", None)
 
     @property
     def out_dim(self) -> int:
