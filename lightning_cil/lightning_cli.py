@@ -70,9 +70,14 @@ class LightningCILCLI(LightningCLI):
         return run_stream(self.trainer, model, datamodule, ckpt_path)
 
     def before_validate(self) -> None:
-        self._check_evaluated_checkpoint()
+        self._prepare_evaluation()
 
     def before_test(self) -> None:
+        self._prepare_evaluation()
+
+    def _prepare_evaluation(self) -> None:
+        # the data gets the backbone's own input transforms, as the stream gave them in training
+        self.datamodule.use_backbone_defaults(self.model.backbone_data_config())
         self._check_evaluated_checkpoint()
 
     def _check_evaluated_checkpoint(self) -> None:

@@ -268,6 +268,7 @@ class TaskStream(Callback):
             raise TypeError(f"the model must be an IncrementalModule, got {type(model).__name__}.")
         _refuse_spawned_processes(trainer)
         self._resume_record = None
+        datamodule.use_backbone_defaults(model.backbone_data_config())
         datamodule.prepare_stream()  # every data error surfaces here, before training
         num_tasks = datamodule.num_tasks
         self.epoch_budget = [model.schedule_for_task(t).epochs for t in range(num_tasks)]

@@ -9,15 +9,20 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from lightning_cil.data.batch_augmentation import BatchAugmentation, build_batch_augmentation
 from lightning_cil.data.datasets import (
+    DATASETS,
     DatasetOptions,
     DatasetSplits,
     ImageSplit,
     dataset_channels,
+    dataset_label,
     default_in_memory,
+    image_tensor,
     load_dataset,
+    splits_of_datasets,
 )
 from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler
 from lightning_cil.data.scenario import (
@@ -29,7 +34,7 @@ from lightning_cil.data.scenario import (
     parse_protocol,
 )
 from lightning_cil.data.task_data import TrainingPlan
-from lightning_cil.data.transforms import DEFAULT_PRESET, build_transforms
+from lightning_cil.data.transforms import DEFAULT_PRESET, build_transforms, transforms_for_data_config
 from lightning_cil.seeding import batch_augmentation_seed, run_seed, seed_sample
 
 __all__ = ["TaskDataset", "TaskStreamDataModule"]
@@ -66,7 +71,11 @@ class TaskStreamDataModule(L.LightningDataModule):
     Args:
         dataset: one of ``digits``, ``cifar10``, ``cifar100``, ``imagenet100``, ``imagenet1000``,
             ``imagefolder`` (``root/train/<class>``, ``root/test/<class>``) or ``domains``
-            (``root/<domain>/<class>``, e.g. PACS).
+            (``root/<domain>/<class>``, e.g. PACS); or a dataset object (a ``class_path``, e.g.
+            ``torchvision.datasets.ImageFolder``): the train split, a map-style dataset of ``(image, label)``
+            (see ``datasets.splits_of_datasets``).
+        test_dataset: the test split when ``dataset`` is an object; without it ``test_fraction`` of every class of
+            ``dataset`` is held out.
         root: dataset folder; not needed for ``digits``.
         scenario: ``class`` (task id unknown at test time), ``task`` (known; for ``domains`` each domain is a
             task with its own labels), or ``domain`` (same classes, one domain per task).
@@ -77,7 +86,12 @@ class TaskStreamDataModule(L.LightningDataModule):
         class_order_seed: seed of that permutation (1993 in iCaRL, PyCIL and DER); None keeps the dataset's order.
         domains: domain folders to use, in task order (``domains`` dataset); default: all, sorted.
         imagenet_subset: ``podnet`` (PODNet/DER's ImageNet-100, default) or ``seed1993``.
-        augmentation: transform preset; default depends on the dataset.
+        augmentation: transform preset; default depends on the dataset (``imagenet`` for dataset objects), or on
+            the backbone: a timm backbone's own input size, mean/std and interpolation.
+        train_transforms: torchvision v2 transforms (``class_path`` entries) applied to each ``uint8 [C, H, W]``
+            training image instead of the preset's; they must end in a float image (``ToDtype(torch.float32,
+            scale=True)``, ``Normalize``). Checked on one image before training.
+        test_transforms: the same for evaluation (and for the features of herding and class means).
         batch_size: training batch size per process.
         eval_batch_size: evaluation batch size per process (default: batch_size).
         num_workers: loader worker processes.
@@ -102,7 +116,8 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: str = "cifar100",
+        dataset: str | Dataset = "cifar100",
+        test_dataset: Dataset | None = None,
         root: str | None = None,
         scenario: Scenario = "class",
         protocol: str | None = None,
@@ -113,6 +128,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         domains: list[str] | None = None,
         imagenet_subset: str = "podnet",
         augmentation: str | None = None,
+        train_transforms: list[v2.Transform] | None = None,
+        test_transforms: list[v2.Transform] | None = None,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -129,7 +146,18 @@ class TaskStreamDataModule(L.LightningDataModule):
         gpu_augmentation: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # dataset objects and transforms are described by name in the hyperparameters, not pickled into checkpoints
+        self.save_hyperparameters(ignore=["dataset", "test_dataset", "train_transforms", "test_transforms"])
+        objects = not isinstance(dataset, str)
+        self.hparams["dataset"] = dataset_label(dataset) if objects else dataset
+        if objects and not isinstance(dataset, Dataset):
+            raise ValueError(f"dataset={dataset!r} must be a dataset name ({sorted(DATASETS)}) or a Dataset object.")
+        if test_dataset is not None and not objects:
+            raise ValueError(
+                f"test_dataset is the test split of a dataset object; dataset={dataset!r} brings its own test split."
+            )
+        #: (train, test) dataset objects, or None for a named dataset
+        self.dataset_objects: tuple[Dataset, Dataset | None] | None = (dataset, test_dataset) if objects else None
         if scenario not in ("class", "task", "domain"):
             raise ValueError(f"scenario={scenario!r} is unknown; choose 'class', 'task' or 'domain'.")
         if protocol is not None and (initial_classes is not None or increment is not None):
@@ -144,17 +172,34 @@ class TaskStreamDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0.")
         #: image channels, known before any file is read (the CLI hands it to the model)
-        self.num_channels = dataset_channels(dataset)
-        preset = augmentation or DEFAULT_PRESET[dataset]
+        self.num_channels = (
+            image_tensor(dataset[0][0], f"sample 0 of {self.hparams.dataset}").shape[0]
+            if objects
+            else dataset_channels(dataset)
+        )
+        preset = augmentation or DEFAULT_PRESET.get(self.hparams.dataset, "imagenet")
         self.train_transform, self.test_transform = build_transforms(preset)
+        if train_transforms is not None:
+            self.train_transform = v2.Compose(list(train_transforms))
+        if test_transforms is not None:
+            self.test_transform = v2.Compose(list(test_transforms))
+        #: the user chose the transforms (a preset or lists): a backbone's own data config does not replace them
+        self.transforms_given = augmentation is not None or train_transforms is not None or test_transforms is not None
+        #: keep decoded images in memory unless data.in_memory says otherwise (dataset objects: read through them)
+        self.in_memory_default = False if objects else default_in_memory(dataset)
         #: the batch-wise training augmentation run on the device (``gpu_augmentation``), else None
         self.batch_augmentation: BatchAugmentation | None = None
         if gpu_augmentation:
-            if not (default_in_memory(dataset) if in_memory is None else in_memory):
+            if train_transforms is not None:
                 raise ValueError(
-                    f"data.gpu_augmentation needs the images in memory as one uint8 tensor; dataset={dataset!r} "
-                    f"with in_memory={in_memory} reads files. Set in_memory: true (images of one size) or "
-                    f"gpu_augmentation: false."
+                    "data.gpu_augmentation runs a preset's augmentation batch-wise on the device; it cannot run "
+                    "data.train_transforms. Set one of them."
+                )
+            if not (self.in_memory_default if in_memory is None else in_memory):
+                raise ValueError(
+                    f"data.gpu_augmentation needs the images in memory as one uint8 tensor; dataset="
+                    f"{self.hparams.dataset!r} with in_memory={in_memory} reads files. Set in_memory: true (images "
+                    f"of one size) or gpu_augmentation: false."
                 )
             self.batch_augmentation = build_batch_augmentation(preset)
         self._augmentation_generator: tuple[tuple[str, int], torch.Generator] | None = None
@@ -171,10 +216,13 @@ class TaskStreamDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         options = DatasetOptions(hp.download, hp.imagenet_subset, hp.domains, hp.test_fraction, hp.split_seed)
-        splits = load_dataset(hp.dataset, hp.root, options)
+        if self.dataset_objects is not None:
+            splits = splits_of_datasets(*self.dataset_objects, options)
+        else:
+            splits = load_dataset(hp.dataset, hp.root, options)
         train = splits.train.limit_per_class(hp.max_train_per_class, hp.subset_seed)
         test = splits.test.limit_per_class(hp.max_test_per_class, hp.subset_seed + 1)
-        keep_in_memory = default_in_memory(hp.dataset) if hp.in_memory is None else hp.in_memory
+        keep_in_memory = self.in_memory_default if hp.in_memory is None else hp.in_memory
         if keep_in_memory:
             train, test = train.decoded(), test.decoded()
         layout = self._layout = build_layout(
@@ -193,6 +241,47 @@ class TaskStreamDataModule(L.LightningDataModule):
         self._splits = DatasetSplits(train, test, splits.class_names, splits.domain_names, splits.info)
         self._train_labels, self._train_tasks = self._labels_and_tasks(train)
         self._test_labels, self._test_tasks = self._labels_and_tasks(test)
+        self.check_transforms()
+
+    def use_backbone_defaults(self, data_config: dict[str, Any] | None) -> None:
+        """Transforms for the backbone's own input (timm's data config: size, mean/std, interpolation) when the user
+        chose none; the stream calls this before the first task (``None``: the backbone has no such config)."""
+        if data_config is None or self.transforms_given:
+            return
+        self.train_transform, self.test_transform = transforms_for_data_config(data_config)
+        if self._splits is not None:
+            self.check_transforms()
+
+    def check_transforms(self) -> None:
+        """Run the first training image through both pipelines: each must return a float image ``[C, H, W]``, and
+        both the same shape (what the model sees in training and in evaluation)."""
+        image = self.splits.train.image(0)
+        shapes = {}
+        for name, transform in (("train", self.train_transform), ("test", self.test_transform)):
+            try:
+                out = transform(image)
+            except Exception as error:
+                raise ValueError(
+                    f"data.{name}_transforms fail on a uint8 image of shape {tuple(image.shape)}: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.ndim != 3:
+                found = (
+                    f"a {out.dtype} tensor of shape {tuple(out.shape)}"
+                    if isinstance(out, torch.Tensor)
+                    else (f"a {type(out).__name__}")
+                )
+                raise ValueError(
+                    f"data.{name}_transforms turn a uint8 image of shape {tuple(image.shape)} into {found}; they must "
+                    f"return a float image [C, H, W]: end them with ToDtype(dtype: torch.float32, scale: true) and "
+                    f"Normalize."
+                )
+            shapes[name] = tuple(out.shape)
+        if shapes["train"] != shapes["test"]:
+            raise ValueError(
+                f"data.train_transforms give images of shape {shapes['train']} but data.test_transforms give "
+                f"{shapes['test']}; the model must see one input size in training and evaluation."
+            )
 
     def _labels_and_tasks(self, split: ImageSplit) -> tuple[Tensor, Tensor]:
         """Stream label and task of every sample of ``split`` (called while the layout is being set up)."""

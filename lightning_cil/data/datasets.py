@@ -3,6 +3,11 @@
 Small datasets (CIFAR, digits, PACS) are decoded once into one ``uint8`` tensor so that the loader
 costs a tensor index per image; large ones (ImageNet) stay a list of files decoded by the workers.
 A loader checks the layout on disk and says what it expected when the layout is wrong.
+
+Any map-style dataset of ``(image, label)`` pairs works too (:func:`splits_of_datasets`): torchvision's
+(``ImageFolder``, ``CIFAR100``, ``Flowers102``, ...) or the user's own. Its labels are read from an attribute
+(:data:`LABEL_ATTRIBUTES`) or, without one, by reading every sample once; its images (PIL, ``uint8`` arrays or
+tensors) are read through it by the loader workers.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from torch.utils.data import Dataset
 
 __all__ = [
     "DATASETS",
@@ -27,11 +33,15 @@ __all__ = [
     "ImageSplit",
     "dataset_channels",
     "default_in_memory",
+    "dataset_label",
     "imagenet_subset",
     "load_dataset",
+    "splits_of_datasets",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+#: attributes of a dataset object read for its labels, in this order (torchvision's names)
+LABEL_ATTRIBUTES = ("targets", "labels", "_labels", "y")
 
 
 class DatasetError(ValueError):
@@ -52,12 +62,14 @@ class DatasetError(ValueError):
 
 @dataclass
 class ImageSplit:
-    """One split: a label and a domain per sample, and the images (in memory or as files)."""
+    """One split: a label and a domain per sample, and the images (in memory, as files, or in a dataset object)."""
 
     targets: Tensor  # int64 [N], dataset class ids
     groups: Tensor  # int64 [N], domain index (all 0 for a single-domain dataset)
     images: Tensor | None = None  # uint8 [N, C, H, W] when decoded in memory
     paths: list[str] | None = None  # files, when read lazily
+    source: Dataset | None = None  # a dataset of (image, label) read lazily: sample i is source[source_index[i]]
+    source_index: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -70,6 +82,10 @@ class ImageSplit:
         """Image ``index`` as ``uint8 [C, H, W]``."""
         if self.images is not None:
             return self.images[index]
+        if self.source is not None:
+            assert self.source_index is not None
+            j = int(self.source_index[index])
+            return image_tensor(self.source[j][0], f"sample {j} of {dataset_label(self.source)}")
         assert self.paths is not None
         return read_image(self.paths[index])
 
@@ -80,6 +96,8 @@ class ImageSplit:
             groups=self.groups[indices],
             images=None if self.images is None else self.images[indices],
             paths=None if self.paths is None else [self.paths[i] for i in indices.tolist()],
+            source=self.source,
+            source_index=None if self.source_index is None else self.source_index[indices],
         )
 
     def limit_per_class(self, max_per_class: int | None, seed: int) -> ImageSplit:
@@ -101,19 +119,23 @@ class ImageSplit:
         """This split with every image decoded into one uint8 tensor (all images must share a size)."""
         if self.images is not None or len(self) == 0:
             return self
-        assert self.paths is not None
-        first = read_image(self.paths[0])
+        first = self.image(0)
         images = torch.empty((len(self), *first.shape), dtype=torch.uint8)
         images[0] = first
-        for i, path in enumerate(self.paths[1:], start=1):
-            image = read_image(path)
+        for i in range(1, len(self)):
+            image = self.image(i)
             if image.shape != first.shape:
                 raise DatasetError(
-                    f"cannot keep images in memory: {path} is {tuple(image.shape)} but {self.paths[0]} is "
+                    f"cannot keep images in memory: {self._name(i)} is {tuple(image.shape)} but {self._name(0)} is "
                     f"{tuple(first.shape)}; set data.in_memory=false for datasets of mixed image sizes."
                 )
             images[i] = image
-        return replace(self, images=images, paths=None)
+        return replace(self, images=images, paths=None, source=None, source_index=None)
+
+    def _name(self, index: int) -> str:
+        if self.paths is not None:
+            return self.paths[index]
+        return f"sample {int(self.source_index[index])} of {dataset_label(self.source)}"
 
 
 @dataclass
@@ -137,6 +159,31 @@ class DatasetOptions:
     domains: Sequence[str] | None = None
     test_fraction: float = 0.2
     split_seed: int = 0
+
+
+def image_tensor(image: object, what: str) -> Tensor:
+    """A dataset's image (PIL, ``uint8`` array ``[H, W(, C)]`` or tensor ``[(C,) H, W]``) as ``uint8 [C, H, W]``.
+    PIL images other than greyscale are converted to RGB."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image if image.mode == "L" else image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise DatasetError(f"{what} is a {image.dtype} array; images must be uint8 (0-255).")
+        array = image[:, :, None] if image.ndim == 2 else image
+        if array.ndim != 3:
+            raise DatasetError(f"{what} is an array of shape {image.shape}; expected [H, W] or [H, W, C].")
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # a PIL image's array is read-only
+    if isinstance(image, Tensor):
+        if image.dtype != torch.uint8:
+            raise DatasetError(
+                f"{what} is a {image.dtype} tensor; the stream's transforms start from uint8 images (0-255): give "
+                f"the dataset no transform of its own and set data.train_transforms / data.test_transforms instead."
+            )
+        tensor = image[None] if image.ndim == 2 else image
+        if tensor.ndim != 3:
+            raise DatasetError(f"{what} is a tensor of shape {tuple(image.shape)}; expected [H, W] or [C, H, W].")
+        return tensor.as_subclass(Tensor)
+    raise DatasetError(f"{what} is a {type(image).__name__}; expected a PIL image, a uint8 array or a uint8 tensor.")
 
 
 def read_image(path: str) -> Tensor:
@@ -301,6 +348,74 @@ def _load_image_folder(root: Path | None, options: DatasetOptions) -> DatasetSpl
         raise DatasetError("imagefolder needs data.root with train/<class>/* and test/<class>/*.")
     train, test, names = _train_test_folders(root)
     return DatasetSplits(train, test, names)
+
+
+def dataset_label(dataset: object) -> str:
+    """How a dataset object is named in messages and run files: its class's import path."""
+    return f"{type(dataset).__module__}.{type(dataset).__qualname__}"
+
+
+def _labels_of(dataset: Dataset) -> Tensor:
+    """The label of every sample of ``dataset``: an attribute of :data:`LABEL_ATTRIBUTES`, else read sample by
+    sample (each item must be ``(image, label, ...)``)."""
+    name = dataset_label(dataset)
+    try:
+        size = len(dataset)
+    except TypeError as error:
+        raise DatasetError(f"{name} has no len(); the stream needs a map-style dataset.") from error
+    if size == 0:
+        raise DatasetError(f"{name} is empty.")
+    labels = next((getattr(dataset, a) for a in LABEL_ATTRIBUTES if getattr(dataset, a, None) is not None), None)
+    if labels is None:
+        first = dataset[0]
+        if not isinstance(first, (tuple, list)) or len(first) < 2:
+            raise DatasetError(
+                f"{name} has no labels: it has none of the attributes {list(LABEL_ATTRIBUTES)}, and its items are "
+                f"{type(first).__name__}, not (image, label) pairs."
+            )
+        labels = [first[1]] + [dataset[i][1] for i in range(1, size)]
+    try:
+        labels = torch.as_tensor([int(label) for label in labels], dtype=torch.long)
+    except (TypeError, ValueError) as error:
+        raise DatasetError(f"{name}'s labels are not integers ({error}).") from error
+    if len(labels) != size:
+        raise DatasetError(f"{name} has {size} samples but {len(labels)} labels.")
+    return labels
+
+
+def splits_of_datasets(train: Dataset, test: Dataset | None, options: DatasetOptions) -> DatasetSplits:
+    """A stream's splits from dataset objects; without ``test``, ``options.test_fraction`` of every class of
+    ``train`` is held out (seeded). Class names come from the datasets' ``classes`` when there is one per label."""
+    raw = {"train": _labels_of(train)} | ({"test": _labels_of(test)} if test is not None else {})
+    values = torch.unique(torch.cat(list(raw.values())))
+    if test is not None:
+        in_train, in_test = set(raw["train"].tolist()), set(raw["test"].tolist())
+        if in_train != in_test:
+            raise DatasetError(
+                f"the train and test datasets hold different labels (only in train: {sorted(in_train - in_test)[:10]}"
+                f", only in test: {sorted(in_test - in_train)[:10]})."
+            )
+    classes = getattr(train, "classes", None)
+    names = (
+        [str(classes[v]) for v in values.tolist()]
+        if isinstance(classes, (list, tuple)) and int(values.max()) < len(classes) and int(values.min()) >= 0
+        else [str(v) for v in values.tolist()]
+    )
+
+    def split(dataset: Dataset, labels: Tensor) -> ImageSplit:
+        targets = torch.searchsorted(values, labels)  # dataset label -> class id 0..K-1
+        index = torch.arange(len(labels))
+        return ImageSplit(targets, torch.zeros_like(targets), source=dataset, source_index=index)
+
+    info: dict[str, object] = {"dataset_class": dataset_label(train)}
+    if test is None:
+        train_split, test_split = _stratified_split(
+            split(train, raw["train"]), options.test_fraction, options.split_seed
+        )
+        info |= {"split_seed": options.split_seed, "test_fraction": options.test_fraction}
+    else:
+        train_split, test_split = split(train, raw["train"]), split(test, raw["test"])
+    return DatasetSplits(train_split, test_split, names, info=info)
 
 
 def imagenet_subset(name: str) -> list[str]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["TRANSFORM_PRESETS", "DEFAULT_PRESET", "build_transforms"]
+__all__ = ["TRANSFORM_PRESETS", "DEFAULT_PRESET", "build_transforms", "transforms_for_data_config"]
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -77,3 +78,25 @@ def build_transforms(preset: str) -> tuple[v2.Transform, v2.Transform]:
     if preset not in TRANSFORM_PRESETS:
         raise ValueError(f"augmentation={preset!r} is unknown; choose one of {sorted(TRANSFORM_PRESETS)}.")
     return TRANSFORM_PRESETS[preset]()
+
+
+def transforms_for_data_config(config: dict) -> tuple[v2.Transform, v2.Transform]:
+    """Train and test pipelines for a backbone's data config (timm's ``resolve_data_config``: ``input_size``,
+    ``interpolation``, ``mean``, ``std``, ``crop_pct``) on uint8 tensors. Testing is timm's evaluation transform:
+    resize to ``size / crop_pct``, centre crop. Training is random resized crop and flip; timm's training
+    transform also jitters colours (0.4) by default, which is left to ``train_transforms`` here."""
+    size = int(config["input_size"][-1])
+    interpolation = v2.InterpolationMode(config.get("interpolation", "bilinear"))
+    stats = (tuple(config["mean"]), tuple(config["std"]))
+    train = v2.Compose(
+        [
+            v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_finish(stats),
+        ]
+    )
+    resize = math.floor(size / config.get("crop_pct", 0.875))
+    test = v2.Compose(
+        [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(size), *_finish(stats)]
+    )
+    return train, test
