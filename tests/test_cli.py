@@ -52,7 +52,9 @@ def _evaluate(subcommand: str, checkpoint: Path, out_dir: Path) -> tuple[int, fl
     return int(found.group(1)), float(found.group(2))
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "config", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO / "configs"))
+)
 def test_every_shipped_config_parses(config):
     out = cli("fit", "--config", str(config), "--print_config")
     assert out.returncode == 0, out.stderr[-2000:]
