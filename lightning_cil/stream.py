@@ -166,6 +166,13 @@ class TaskStream(Callback):
 
     # ------------------------------------------------------------------ callback hooks and state
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A SIGTERM that came while this fit started, before Lightning installed its handler, reached only the
+        # stream's. Delivering it again hands it to Lightning, which stops the fit (on every rank under DDP) as it
+        # does for its own; the stream then stops at the newest checkpoint.
+        if self._stop_signal is not None:
+            signal.raise_signal(self._stop_signal)
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         reseed(TRAIN_EPOCH, trainer.current_epoch)
         bar = trainer.progress_bar_callback

@@ -15,13 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
-from conftest import REPO, cli, make_trainer
+from conftest import REPO, cli, digits_stream, make_trainer
 
+from lightning_cil import Finetune, TaskSchedule, run_stream
 from lightning_cil.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
 from lightning_cil.cli import main
-from lightning_cil.stream import StreamDiverged, TaskStream
+from lightning_cil.stream import StreamDiverged, StreamInterrupted, TaskStream
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 VERSION = "v0"
@@ -185,6 +187,25 @@ def test_a_checkpoint_of_non_finite_weights_is_never_written(tmp_path):
     trainer = make_trainer(tmp_path)
     with pytest.raises(StreamDiverged, match=r"the weights are not finite \(weight\)"):
         stream.on_save_checkpoint(trainer, model, {"state_dict": {"weight": torch.tensor([1.0, float("nan")])}})
+
+
+class _SigtermWhileFitStarts(L.Callback):
+    """Sends this process SIGTERM as the second task's fit starts: before Lightning installs its own handler."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if pl_module.task_index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_while_the_last_tasks_fit_starts_stops_the_stream(tmp_path):
+    """The signal reaches only the stream's handler there; it used to be noted and then forgotten, and the last
+    task trained to its end (status 0, as if the stop had not been asked for)."""
+    model = Finetune(backbone="resnet20", in_channels=1, schedule=TaskSchedule(epochs=3, lr=0.02))
+    trainer = make_trainer(tmp_path, callbacks=[_SigtermWhileFitStarts()])
+    with pytest.raises(StreamInterrupted) as stop:
+        run_stream(trainer, model, digits_stream(initial_classes=5, increment=5))
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert trainer.current_epoch < 6  # the second task stopped in its first epoch
 
 
 def test_a_stream_stopped_by_sigterm_exits_non_zero_and_resumes(tmp_path):
