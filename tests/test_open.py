@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, cli
+from conftest import REPO, cli, make_trainer
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
@@ -345,6 +345,38 @@ def test_datasets_without_labels_or_with_float_images_are_named():
         floats.train.image(0)
     with pytest.raises(DatasetError, match=r"different labels \(only in train: \[2\], only in test: \[\]\)"):
         splits_of_datasets(_Pairs("pil", [0, 1, 2]), _Pairs("pil", [0, 1]), DatasetOptions())
+
+
+def test_a_hugging_face_dataset_split_feeds_the_stream(cifar10_root, tmp_path):
+    """HuggingFaceDataset over datasets' imagefolder builder (local files, no hub): 3 CIFAR-10 classes, its
+    ClassLabel names as class names, a whole Finetune stream trained and evaluated on it."""
+    pytest.importorskip("datasets")
+    from lightning_cil import run_stream
+    from lightning_cil.data import HuggingFaceDataset
+
+    for split, count in (("train", 12), ("test", 6)):
+        for name in ("airplane", "cat", "ship"):
+            (tmp_path / "hf" / split / name).mkdir(parents=True)
+            for image in sorted((cifar10_root / split / name).iterdir())[:count]:
+                (tmp_path / "hf" / split / name / image.name).write_bytes(image.read_bytes())
+    options = {"data_dir": str(tmp_path / "hf"), "cache_dir": str(tmp_path / "cache")}
+    datamodule = TaskStreamDataModule(
+        dataset=HuggingFaceDataset("imagefolder", "train", **options),
+        test_dataset=HuggingFaceDataset("imagefolder", "test", **options),
+        augmentation="cifar10",
+        initial_classes=2,
+        increment=1,
+        class_order_seed=None,
+        batch_size=12,
+        num_workers=0,
+    )
+    model = Finetune(backbone="resnet20", schedule=TaskSchedule(epochs=1, lr=0.05))
+    summary = run_stream(make_trainer(tmp_path / "run"), model, datamodule)
+    assert datamodule.class_names == ["airplane", "cat", "ship"]
+    assert len(datamodule.splits.train) == 36 and len(datamodule.splits.test) == 18
+    assert summary["cnn"]["last_accuracy"] is not None  # both tasks trained and evaluated
+    with pytest.raises(DatasetError, match=r"has no column \['fine_label'\]; its columns are \['image', 'label'\]"):
+        HuggingFaceDataset("imagefolder", "train", label_column="fine_label", **options)
 
 
 def test_train_and_test_transforms_must_agree_on_the_input_size():
