@@ -31,8 +31,23 @@ CASES = [(cls, REQUIRED.get(cls, {})) for cls in METHODS] + [
 ]
 
 
-@pytest.mark.parametrize(("cls", "options"), CASES, ids=lambda c: c.__name__ if isinstance(c, type) else str(c))
-def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_path):
+#: every method also on a timm backbone (DER with pruning refuses one: see test_open.py)
+TIMM_CASES = [(cls, options) for cls, options in CASES if options.get("prune") is not True]
+
+
+def _ids(value) -> str:
+    return value.__name__ if isinstance(value, type) else str(value)
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "backbone"),
+    [(cls, options, "resnet20") for cls, options in CASES]
+    + [(cls, options, "timm:test_resnet") for cls, options in TIMM_CASES],
+    ids=_ids,
+)
+def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, backbone, tmp_path):
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm")
     L.seed_everything(0)
     scenario = "task" if issubclass(cls, TaskMaskedModule) else "class"  # these need the task id at test time
     dm = digits_stream(scenario)
@@ -40,13 +55,13 @@ def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, tmp_p
     kwargs.update(options)
     epochs = 2 if cls is methods.PackNet else 1  # PackNet prunes before its retraining epochs
     schedule = TaskSchedule(epochs=epochs, lr=0.02, milestones=[])
-    model = cls(backbone="resnet20", in_channels=1, schedule=schedule, **kwargs)
+    model = cls(backbone=backbone, in_channels=1, schedule=schedule, **kwargs)
     trainer = make_trainer(tmp_path)
     run_stream(trainer, model, dm)
     assert model.head.out_features == 10 and model.task_index == 2
     recorded = {name: counts["correct"] for name, counts in model.last_evaluation.items()}
 
-    fresh = cls(backbone="resnet20", in_channels=1, schedule=schedule, **kwargs)
+    fresh = cls(backbone=backbone, in_channels=1, schedule=schedule, **kwargs)
     fresh_dm = digits_stream(scenario)
     ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     make_trainer(tmp_path / "eval").test(fresh, datamodule=fresh_dm, ckpt_path=str(ckpt), verbose=False)
