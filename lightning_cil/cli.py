@@ -92,6 +92,45 @@ def _unknown_method(error: ArgumentError) -> str | None:
     )
 
 
+_PROBLEM = re.compile(r"Problem with given class_path '([^']*)':\n\s*(.+)")
+_KEY = re.compile(r'Parser key "([^"]+)"')
+
+
+def _class_path_problem(error: ArgumentError) -> str | None:
+    """One line for a ``class_path`` (a dataset, backbone, transform, ...) that cannot be imported or built: the
+    innermost such problem in jsonargparse's nested Union report, with the key it was given for."""
+    text = str(error)
+    leaves = [m for m in _PROBLEM.finditer(text) if not m.group(2).startswith(("Parser key", "Does not validate"))]
+    if not leaves:
+        return None
+    problem = leaves[-1]
+    keys = _KEY.findall(text[: problem.start()])
+    if not keys:
+        return None
+    key = keys[0] + "".join(f".init_args.{k}" if keys[0] == "model" else f".{k}" for k in keys[1:])
+    return f"{key}: class_path {problem.group(1)!r} cannot be used: {problem.group(2).strip()}."
+
+
+_BUILT = re.compile(r"Given value: Namespace\(class_path='([^']*)'")
+
+
+def _instantiation_problem(error: BaseException) -> str | None:
+    """One line for an object given by ``class_path`` (a dataset, a backbone, ...) whose constructor raised:
+    jsonargparse reports it as a Union mismatch, with the constructor's error among the subtypes' errors."""
+    text = str(error)
+    if not _raised_in_jsonargparse(error) or not text.startswith("Does not validate against any of the Union"):
+        return None
+    reasons = [
+        line.strip()[2:]
+        for line in text.splitlines()
+        if line.strip().startswith("- ") and not line.strip().startswith(("- Expected a <class", "- Problem with"))
+    ]
+    given = _BUILT.search(text)
+    if not reasons or given is None:
+        return None
+    return f"class_path {given.group(1)!r} could not be built from its init_args: {reasons[-1]}"
+
+
 def _diverged(error: BaseException) -> bool:
     from lightning_cil.stream import StreamDiverged  # the stream is loaded already when a run diverges
 
@@ -132,18 +171,20 @@ def main(args: Any = None) -> None:
         if os.environ.get("LIGHTNING_CIL_TRACEBACK"):
             raise
         found = _configuration_error(error)
-        message = _unknown_method(error) or (_one_line(found) if found is not None else str(error))
+        problem = None if found is not None else _class_path_problem(error)
+        message = _unknown_method(error) or (_one_line(found) if found is not None else problem or str(error))
         print(f"lightning-cil: error: {message}", file=sys.stderr)
-        if found is None and not message.startswith("model.class_path="):
+        if found is None and problem is None and not message.startswith("model.class_path="):
             subcommands = (["fit"], ["validate"], ["test"], ["predict"])
             command = f"{argv[0]} " if isinstance(argv, (list, tuple)) and argv[:1] in subcommands else ""
             print(f"For the accepted options run: lightning-cil {command}--help", file=sys.stderr)
         sys.exit(2)
     except Exception as error:
         found = _configuration_error(error)
-        if found is None or os.environ.get("LIGHTNING_CIL_TRACEBACK"):
+        message = _one_line(found) if found is not None else _instantiation_problem(error)
+        if message is None or os.environ.get("LIGHTNING_CIL_TRACEBACK"):
             raise
-        print(f"lightning-cil: error: {_one_line(found)}", file=sys.stderr)
+        print(f"lightning-cil: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

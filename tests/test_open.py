@@ -217,6 +217,33 @@ def test_bad_extension_input_is_one_line_before_training(cifar10_root, tmp_path,
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            ["--data.dataset.class_path", "torchvision.datasets.NoSuch"],
+            r"data.dataset: class_path 'torchvision.datasets.NoSuch' cannot be used: module 'torchvision.datasets' "
+            r"has no attribute 'NoSuch'\.",
+        ),
+        (
+            ["--model.init_args.backbone.class_path", "my_package.MyNet"],
+            r"model.init_args.backbone: class_path 'my_package.MyNet' cannot be used: No module named 'my_package'\.",
+        ),
+        (
+            ["--data.dataset.init_args.root", "no/such/folder"],
+            r"class_path 'torchvision.datasets.ImageFolder' could not be built from its init_args: \[Errno 2\] No such "
+            r"file or directory: 'no/such/folder'",
+        ),
+    ],
+    ids=["dataset-import", "backbone-import", "dataset-build"],
+)
+def test_a_class_path_that_does_not_import_or_build_is_one_line(cifar10_root, tmp_path, override, message):
+    out = cli(*_shrunk("imagefolder_dataset", tmp_path, cifar10_root, *override))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert re.search(message, out.stderr), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "For the accepted options" not in out.stderr
+
+
 # ---------------------------------------------------------------------------------------------- backbones
 
 

@@ -248,7 +248,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         chose none; the stream calls this before the first task (``None``: the backbone has no such config)."""
         if data_config is None or self.transforms_given:
             return
-        self.train_transform, self.test_transform = transforms_for_data_config(data_config)
+        self.train_transform, self.test_transform = transforms_for_data_config(data_config, self.num_channels)
         if self._splits is not None:
             self.check_transforms()
 
@@ -275,6 +275,11 @@ class TaskStreamDataModule(L.LightningDataModule):
                     f"data.{name}_transforms turn a uint8 image of shape {tuple(image.shape)} into {found}; they must "
                     f"return a float image [C, H, W]: end them with ToDtype(dtype: torch.float32, scale: true) and "
                     f"Normalize."
+                )
+            if out.shape[0] != self.num_channels:
+                raise ValueError(
+                    f"data.{name}_transforms turn a {self.num_channels}-channel image into {out.shape[0]} channels; "
+                    f"the model is built for the data's {self.num_channels} channels."
                 )
             shapes[name] = tuple(out.shape)
         if shapes["train"] != shapes["test"]:

@@ -80,14 +80,17 @@ def build_transforms(preset: str) -> tuple[v2.Transform, v2.Transform]:
     return TRANSFORM_PRESETS[preset]()
 
 
-def transforms_for_data_config(config: dict) -> tuple[v2.Transform, v2.Transform]:
+def transforms_for_data_config(config: dict, channels: int = 3) -> tuple[v2.Transform, v2.Transform]:
     """Train and test pipelines for a backbone's data config (timm's ``resolve_data_config``: ``input_size``,
     ``interpolation``, ``mean``, ``std``, ``crop_pct``) on uint8 tensors. Testing is timm's evaluation transform:
     resize to ``size / crop_pct``, centre crop. Training is random resized crop and flip; timm's training
     transform also jitters colours (0.4) by default, which is left to ``train_transforms`` here."""
     size = int(config["input_size"][-1])
     interpolation = v2.InterpolationMode(config.get("interpolation", "bilinear"))
-    stats = (tuple(config["mean"]), tuple(config["std"]))
+    mean, std = tuple(config["mean"]), tuple(config["std"])
+    if len(mean) != channels:  # e.g. an RGB model's statistics for grey images: their channel means
+        mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    stats = (mean, std)
     train = v2.Compose(
         [
             v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True),

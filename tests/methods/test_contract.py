@@ -50,7 +50,8 @@ def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, backb
         pytest.importorskip("timm")
     L.seed_everything(0)
     scenario = "task" if issubclass(cls, TaskMaskedModule) else "class"  # these need the task id at test time
-    dm = digits_stream(scenario)
+    # the digits preset, not the timm model's 160 px input (that path is tested in test_open.py)
+    dm = digits_stream(scenario, augmentation="digits")
     kwargs = {"memory_budget": 60} if "memory_budget" in inspect.signature(cls).parameters else {}
     kwargs.update(options)
     epochs = 2 if cls is methods.PackNet else 1  # PackNet prunes before its retraining epochs
@@ -62,7 +63,7 @@ def test_method_runs_a_stream_and_its_checkpoint_rebuilds_it(cls, options, backb
     recorded = {name: counts["correct"] for name, counts in model.last_evaluation.items()}
 
     fresh = cls(backbone=backbone, in_channels=1, schedule=schedule, **kwargs)
-    fresh_dm = digits_stream(scenario)
+    fresh_dm = digits_stream(scenario, augmentation="digits")
     ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     make_trainer(tmp_path / "eval").test(fresh, datamodule=fresh_dm, ckpt_path=str(ckpt), verbose=False)
     assert {name: counts["correct"] for name, counts in fresh.last_evaluation.items()} == recorded
