@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,31 @@ def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """``lightning-cil *args`` in this process: the console entry point without a new interpreter's start-up (about
+    10 s on 2 cores), for checks that stop before or soon after training starts."""
+    from lightning_cil.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-cil"])
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def assert_one_line(out: subprocess.CompletedProcess, message: str) -> None:
+    """Exit 2 and the error as the last line of stderr, alone (Lightning's own start-up notices may precede it)."""
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("lightning-cil: error: ")]
+    assert errors == lines[-1:] and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.search(message, errors[0]), errors[0]
+
+
 def _extract(tmp_path_factory: pytest.TempPathFactory, archive: Path, name: str) -> Path:
     if not archive.is_file():
         pytest.skip(f"real-data test needs {archive.name} from the shared data folder ({archive}); it is absent here")
@@ -43,6 +69,19 @@ def _extract(tmp_path_factory: pytest.TempPathFactory, archive: Path, name: str)
 def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """CIFAR-10 as an ImageFolder tree (train/<class>, test/<class>), extracted once per session."""
     return _extract(tmp_path_factory, SHARED_DATA / "cifar10" / "cifar10-jpg.tar.gz", "cifar10")
+
+
+@pytest.fixture(scope="session")
+def cifar10_small_root(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 40 training and 20 test images of every CIFAR-10 class, in the same train/ and test/ layout (for
+    dataset objects that list every file of their folder when they are built)."""
+    root = tmp_path_factory.mktemp("cifar10_small")
+    for split, count in (("train", 40), ("test", 20)):
+        for folder in sorted((cifar10_root / split).iterdir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:count]:
+                shutil.copyfile(image, root / split / folder.name / image.name)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli
+from conftest import REPO, cli, run_main
 
 from lightning_cil.cli import main
 
@@ -110,8 +110,8 @@ def test_fit_runs_the_whole_stream_and_test_reproduces_it_from_the_checkpoint(tm
         (["--ckpt_path", "best"], r"ckpt_path='best' does not exist; give a checkpoint file of this stream, or 'last'"),
     ],
 )
-def test_bad_configuration_is_one_clear_line(tmp_path, override, message):
-    out = cli("fit", *shrunk(tmp_path, *override))
+def test_bad_configuration_is_one_clear_line(tmp_path, monkeypatch, capsys, override, message):
+    out = run_main(monkeypatch, capsys, "fit", *shrunk(tmp_path, *override))
     assert out.returncode == 2
     assert re.search(message, out.stderr), out.stderr[-2000:]
     assert "Traceback" not in out.stderr

@@ -21,6 +21,7 @@ def _check(*args, timeout=1500):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
+@pytest.mark.slow  # 1-2 min on 2 cores: run it with `pytest -m slow` before a GPU session
 def test_dry_run_runs_every_step_and_records_the_machine_in_every_result(tmp_path):
     if not ARCHIVE.is_file():
         pytest.skip(f"the dry run reads {ARCHIVE.name} from the shared data folder; it is absent here")

@@ -26,8 +26,10 @@ REFERENCE = json.loads((Path(__file__).parent / "reference" / "split_cifar10.jso
 TOLERANCE = REFERENCE["tolerance"]
 
 
-#: the upper bound trains on all data seen so far, the suite's most expensive run (~3 min): `pytest -m slow`
-SLOW_METHODS = {"joint"}
+#: Split CIFAR-10 runs of 2-5 min each on 2 cores that the default suite leaves to `pytest -m slow` (it keeps
+#: Finetune and iCaRL, whose runs other tests share): Joint trains on all data seen so far, DER grows an extractor
+#: per task; LwF, EWC, WA and BiC.
+SLOW_METHODS = {"joint", "der", "lwf", "ewc", "wa", "bic"}
 
 
 @pytest.mark.parametrize(

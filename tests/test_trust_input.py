@@ -7,19 +7,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, cli
+from conftest import REPO, assert_one_line, cli, run_main
 from test_cli import QUICKSTART, shrunk
 
 from lightning_cil.networks import build_backbone
-
-
-def _assert_one_line(out, message: str) -> None:
-    """Exit 2 and the error as the last line of stderr, alone (Lightning's own start-up notices may precede it)."""
-    assert out.returncode == 2, out.stderr[-3000:]
-    lines = out.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("lightning-cil: error: ")]
-    assert errors == lines[-1:] and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert re.search(message, errors[0]), errors[0]
 
 
 @pytest.mark.parametrize(
@@ -30,17 +21,19 @@ def _assert_one_line(out, message: str) -> None:
     ],
     ids=["epochs", "first_task_lr"],
 )
-def test_invalid_value_inside_a_typed_argument_is_one_line(tmp_path, override, message):
+def test_invalid_value_inside_a_typed_argument_is_one_line(tmp_path, monkeypatch, capsys, override, message):
     """jsonargparse wraps the method's own check in its Union error; the user sees only the check's message."""
-    out = cli("fit", *shrunk(tmp_path, *override))
-    _assert_one_line(out, message)
+    out = run_main(monkeypatch, capsys, "fit", *shrunk(tmp_path, *override))
+    assert_one_line(out, message)
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
-def test_pretrained_weights_of_another_architecture_is_one_line(tmp_path):
+def test_pretrained_weights_of_another_architecture_is_one_line(tmp_path, monkeypatch, capsys):
     weights = tmp_path / "resnet32.pth"
     torch.save(build_backbone("resnet32", in_channels=1).state_dict(), weights)
-    out = cli(
+    out = run_main(
+        monkeypatch,
+        capsys,
         "fit",
         *shrunk(tmp_path),
         "--model.class_path",
@@ -50,7 +43,7 @@ def test_pretrained_weights_of_another_architecture_is_one_line(tmp_path):
         "--model.init_args.pretrained",
         str(weights),
     )
-    _assert_one_line(out, r"pretrained='.*resnet32\.pth' does not fit the backbone \(CifarResNet\): unexpected ")
+    assert_one_line(out, r"pretrained='.*resnet32\.pth' does not fit the backbone \(CifarResNet\): unexpected ")
 
 
 @pytest.mark.parametrize(
@@ -60,14 +53,14 @@ def test_pretrained_weights_of_another_architecture_is_one_line(tmp_path):
         ("torch.nn.Linear", "it is not an IncrementalModule subclass"),
     ],
 )
-def test_unknown_method_lists_the_available_ones(tmp_path, class_path, reason):
-    out = cli("fit", *shrunk(tmp_path, "--model.class_path", class_path))
-    _assert_one_line(out, rf"model\.class_path='{re.escape(class_path)}' is not a method: {reason}")
+def test_unknown_method_lists_the_available_ones(tmp_path, monkeypatch, capsys, class_path, reason):
+    out = run_main(monkeypatch, capsys, "fit", *shrunk(tmp_path, "--model.class_path", class_path))
+    assert_one_line(out, rf"model\.class_path='{re.escape(class_path)}' is not a method: {reason}")
     assert "Available methods: BiC, DER, EWC, Finetune, ICaRL, Joint, LwF, PackNet, Piggyback, WA" in out.stderr
 
 
-def test_other_parse_errors_keep_their_message_without_the_usage_block(tmp_path):
-    out = cli("fit", *shrunk(tmp_path, "--data.batch_size", "abc"))
+def test_other_parse_errors_keep_their_message_without_the_usage_block(tmp_path, monkeypatch, capsys):
+    out = run_main(monkeypatch, capsys, "fit", *shrunk(tmp_path, "--data.batch_size", "abc"))
     assert out.returncode == 2
     assert 'lightning-cil: error: Parser key "data.batch_size"' in out.stderr
     assert "Expected a <class 'int'>. Got value: abc" in out.stderr
@@ -79,12 +72,14 @@ def test_venv_is_ignored_by_git():
     assert ".venv/" in (REPO / ".gitignore").read_text().splitlines()
 
 
-def test_memory_budget_below_the_number_of_classes_is_refused_before_training(tmp_path):
-    out = cli(
+def test_memory_budget_below_the_number_of_classes_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    out = run_main(
+        monkeypatch,
+        capsys,
         "fit",
         *shrunk(tmp_path, "--model.class_path", "lightning_cil.methods.ICaRL", "--model.init_args.memory_budget", "5"),
     )
-    _assert_one_line(out, r"memory_budget=5 is below the 10 classes of this stream: 5 of them would keep no exemplar")
+    assert_one_line(out, r"memory_budget=5 is below the 10 classes of this stream: 5 of them would keep no exemplar")
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
@@ -193,4 +188,4 @@ def test_truncated_jpeg_is_one_line_naming_the_file_with_and_without_loader_work
         "--data.num_workers",
         str(workers),
     )
-    _assert_one_line(out, rf"error: cannot read image file {re.escape(str(bad))}: \S")
+    assert_one_line(out, rf"error: cannot read image file {re.escape(str(bad))}: \S")

@@ -19,10 +19,10 @@ import lightning as L
 import pytest
 import torch
 from conftest import REPO, cli, digits_stream, make_trainer
+from conftest import run_main as run
 
 from lightning_cil import Finetune, TaskSchedule, run_stream
 from lightning_cil.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
-from lightning_cil.cli import main
 from lightning_cil.stream import StreamDiverged, StreamInterrupted, TaskStream
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -57,19 +57,6 @@ def shrunk(root: Path, *extra: str, epochs: int = 2) -> list[str]:
 
 def checkpoints(root: Path) -> Path:
     return root / "quickstart" / VERSION / "checkpoints"
-
-
-def run(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
-    """``lightning-cil *args`` in this process (the console entry point, without a new interpreter's start-up)."""
-    monkeypatch.setattr(sys, "argv", ["lightning-cil"])
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def one_line_error(out: subprocess.CompletedProcess, code: int, pattern: str) -> None:

@@ -96,6 +96,7 @@ def test_pruning_removes_parameters_on_the_same_stream(digits_der):
     assert digits_der[False][0].pruning_history == []
 
 
+@pytest.mark.slow  # DER's Split CIFAR-10 run, about 5 min on 2 cores
 def test_der_keeps_first_task_accuracy_that_finetune_loses(split_cifar10):
     """Split CIFAR-10 configs shrunk (see conftest), DER (w/o pruning) with 200 exemplars.
 

@@ -1,5 +1,8 @@
-"""LwF, EWC, WA and BiC on Split CIFAR-10 (configs shrunk, see conftest): each shows the effect its paper is about."""
+"""LwF, EWC, WA and BiC on Split CIFAR-10 (configs shrunk, see conftest): each shows the effect its paper is about.
 
+Each needs its own Split CIFAR-10 run of 2-3 min on 2 cores, so all of them are slow (`pytest -m slow`)."""
+
+import pytest
 import torch
 import yaml
 
@@ -26,6 +29,7 @@ def _restore(run_dir):
     return cli.model.eval(), datamodule
 
 
+@pytest.mark.slow  # Split CIFAR-10 runs of 2-3 min each on 2 cores
 def test_lwf_and_ewc_keep_first_task_accuracy_that_finetune_loses(split_cifar10):
     """Calibration (seed 0): task 0 after the last task: Finetune 0.0%, LwF 14.5%, EWC 22.0% (rows of task 0
     over the stream: LwF 78.0 / 46.5 / 31.0 / 26.5 / 14.5, EWC 78.0 / 71.0 / 56.0 / 54.0 / 22.0)."""
@@ -37,6 +41,7 @@ def test_lwf_and_ewc_keep_first_task_accuracy_that_finetune_loses(split_cifar10)
     assert ewc > finetune + 5, (ewc, finetune)
 
 
+@pytest.mark.slow  # Split CIFAR-10 runs of 2-3 min each on 2 cores
 def test_wa_aligns_new_class_weight_norms_to_the_old_ones(split_cifar10):
     """Before aligning, the new classes' mean weight norm differs from the old ones'; after, they are equal.
 
@@ -52,6 +57,7 @@ def test_wa_aligns_new_class_weight_norms_to_the_old_ones(split_cifar10):
         assert abs(new_after - old) < 1e-4 * old, alignment
 
 
+@pytest.mark.slow  # BiC's Split CIFAR-10 run, about 3 min on 2 cores
 @torch.no_grad()
 def test_bic_correction_moves_old_class_images_away_from_new_classes(split_cifar10):
     """Share of old-class test images predicted as a new class (classes of the last task), without and with the
