@@ -108,7 +108,29 @@ def _class_path_problem(error: ArgumentError) -> str | None:
     if not keys:
         return None
     key = keys[0] + "".join(f".init_args.{k}" if keys[0] == "model" else f".{k}" for k in keys[1:])
-    return f"{key}: class_path {problem.group(1)!r} cannot be used: {problem.group(2).strip()}."
+    return _memory_of_rehearsal_free(problem.group(1), problem.group(2)) or (
+        f"{key}: class_path {problem.group(1)!r} cannot be used: {problem.group(2).strip()}."
+    )
+
+
+def _memory_of_rehearsal_free(class_path: str, problem: str) -> str | None:
+    """The refusal of a memory setting given to a rehearsal-free method (its protocol card says so)."""
+    option = re.match(r"Option '(memory_budget|memory_per_class|selection)' is not accepted", problem)
+    if option is None:
+        return None
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        method = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    if not getattr(method, "rehearsal_free", False):
+        return None
+    return (
+        f"{name} is rehearsal-free: its paper's protocol keeps no exemplars, so model.init_args.{option.group(1)} is "
+        f"refused (a rehearsal method such as lightning_cil.methods.ICaRL keeps a memory)."
+    )
 
 
 _BUILT = re.compile(r"Given value: Namespace\(class_path='([^']*)'")

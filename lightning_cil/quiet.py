@@ -25,6 +25,8 @@ WARNINGS = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
     # the stream's validation loader is deliberately empty during a fit (unless data.val_during_fit): every task
     # is evaluated with `trainer.test` after its fit instead
+    # a training-free task (epochs: 0) runs a fit of no epochs, which has nothing to optimise
+    (r"`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer", UserWarning),
     (r"Total length of `list` across ranks is zero\. Please make sure this was your intention\.", UserWarning),
 )
 

@@ -5,7 +5,8 @@ Lightning 2.x): before each fit the loop raises ``fit_loop.max_epochs`` by the t
 counters, loggers and callbacks carry across tasks, and a fresh DDP wrap and optimizer pick up
 whatever the method grew or froze in ``on_task_start``. A method whose task has several phases
 (``task_phases``, e.g. PackNet's training and retraining) gets one fit per phase, with its
-``on_phase_end`` between them.
+``on_phase_end`` between them. A task of 0 epochs (SimpleCIL's, APER's after the first) has no fit: its
+work is all in the task hooks.
 
 Resume: every checkpoint records how far the stream got (this callback's state) and what the model
 looks like (the module's ``lightning_cil`` entry). Restarting with ``ckpt_path`` replays the fit of
@@ -45,6 +46,7 @@ from lightning_cil.data.datamodule import TaskStreamDataModule
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.data.task_data import TaskData, TrainingPlan
 from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule, TaskSchedule
+from lightning_cil.methods.protocol import check_protocol, protocol_record
 from lightning_cil.metrics import METRICS_FILE, AccuracyMatrix
 from lightning_cil.seeding import TASK_START, TRAIN_EPOCH, reseed
 
@@ -277,6 +279,7 @@ class TaskStream(Callback):
         self._resume_record = None
         datamodule.use_backbone_defaults(model.backbone_data_config())
         datamodule.prepare_stream()  # every data error surfaces here, before training
+        check_protocol(model)
         num_tasks = datamodule.num_tasks
         self.epoch_budget = [model.schedule_for_task(t).epochs for t in range(num_tasks)]
         if self not in trainer.callbacks:
@@ -323,8 +326,15 @@ class TaskStream(Callback):
                         _refuse_implicit_checkpoints(trainer)
                     if self._stop_signal is not None:
                         self._stop(trainer, task, self._stop_signal)
+                    restore = str(ckpt_path) if restoring_phase else None
                     try:
-                        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if restoring_phase else None)
+                        if phases == [0]:
+                            # A training-free task has no fit: DDP refuses to wrap a model with nothing to train. An
+                            # empty validation sets up the strategy instead (launches the processes, joins the
+                            # process group) for the task hooks, and restores a resumed task's checkpoint.
+                            trainer.validate(model, dataloaders=[], ckpt_path=restore, verbose=False)
+                        else:
+                            trainer.fit(model, datamodule=datamodule, ckpt_path=restore)
                     except SIGTERMException:
                         self._stop(trainer, task, signal.SIGTERM)
                     if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.interrupted:
@@ -374,10 +384,13 @@ class TaskStream(Callback):
 
     def _phases(self, model: IncrementalModule, info) -> list[int]:
         phases = [int(n) for n in model.task_phases(info)]
-        if not phases or min(phases) < 1 or sum(phases) != self.epoch_budget[info.index]:
+        budget = self.epoch_budget[info.index]
+        if budget == 0 and phases == [0]:
+            return phases  # a training-free task (see run)
+        if not phases or min(phases) < 1 or sum(phases) != budget:
             raise ValueError(
                 f"{type(model).__name__}.task_phases gives {phases} epochs for task {info.index}: each phase needs at "
-                f"least one epoch and together they must make the task's {self.epoch_budget[info.index]} epochs."
+                f"least one epoch and together they must make the task's {budget} epochs."
             )
         return phases
 
@@ -462,6 +475,7 @@ class TaskStream(Callback):
         payload = {
             "method": type(model).__name__,
             "primary_scorer": primary,
+            "protocol": protocol_record(model),
             "summary": self.matrices[primary].to_json()["summary"],
             "scorers": {name: m.to_json() for name, m in self.matrices.items()},
             "tasks": self.history,

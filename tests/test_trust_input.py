@@ -16,7 +16,10 @@ from lightning_cil.networks import build_backbone
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (["--model.init_args.schedule.epochs=-1"], r"error: schedule\.epochs=-1 must be at least 1\.$"),
+        (
+            ["--model.init_args.schedule.epochs=-1"],
+            r"error: schedule\.epochs=-1 must be at least 0 \(0: the task trains nothing\)\.$",
+        ),
         (["--model.init_args.first_task", "{epochs: 4, lr: -1}"], r"error: first_task\.lr=-1\.0 must be positive\."),
     ],
     ids=["epochs", "first_task_lr"],

@@ -1,5 +1,6 @@
 """CIL methods: one LightningModule subclass per file, all on the IncrementalModule contract."""
 
+from lightning_cil.methods.aper import APER
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
 from lightning_cil.methods.bic import BiC
 from lightning_cil.methods.der import DER
@@ -10,9 +11,12 @@ from lightning_cil.methods.joint import Joint
 from lightning_cil.methods.lwf import LwF
 from lightning_cil.methods.packnet import PackNet
 from lightning_cil.methods.piggyback import Piggyback
+from lightning_cil.methods.ranpac import RanPAC
+from lightning_cil.methods.simplecil import SimpleCIL
 from lightning_cil.methods.wa import WA
 
 __all__ = [
+    "APER",
     "BiC",
     "DER",
     "EWC",
@@ -23,6 +27,8 @@ __all__ = [
     "LwF",
     "PackNet",
     "Piggyback",
+    "RanPAC",
+    "SimpleCIL",
     "TaskSchedule",
     "WA",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -13,6 +14,7 @@ from torch.utils.data import Dataset
 
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.data.task_data import TaskData
+from lightning_cil.methods.protocol import Protocol
 from lightning_cil.methods.schedule import TaskSchedule
 from lightning_cil.metrics import TaskAccuracy
 from lightning_cil.networks import IncrementalLinear
@@ -49,6 +51,8 @@ class IncrementalModule(LightningModule):
 
     #: the data module trains on all tasks seen so far, not only the current one (Joint)
     trains_on_all_seen_tasks: ClassVar[bool] = False
+    #: the method's protocol keeps no exemplars (a memory given to it is refused; see ``protocol.py``)
+    rehearsal_free: ClassVar[bool] = False
     #: evaluation scorers; the first is the method's headline number
     scorers: ClassVar[tuple[str, ...]] = ("cnn",)
 
@@ -79,6 +83,11 @@ class IncrementalModule(LightningModule):
         #: per scorer, the counts of the last evaluation pass (read by the stream)
         self.last_evaluation: dict[str, dict[str, list[int]]] = {}
         self._task_data: TaskData | None = None
+
+    def protocol(self) -> Protocol:
+        """What this method's protocol requires (checked by the stream before training, recorded in metrics.json);
+        the base requires no more than :attr:`rehearsal_free` says."""
+        return Protocol(rehearsal_free=self.rehearsal_free)
 
     def _build_backbone(self, spec: BackboneSpec, in_channels: int, pretrained: str | None) -> nn.Module:
         """The feature extractor (methods that grow their own, like DER, override this)."""
@@ -181,8 +190,11 @@ class IncrementalModule(LightningModule):
         (e.g. SLCA's backbone at 0.01 of the head's), a group's ``lr`` replaces it."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, scheduler = self.schedule_for_task(max(self.task_index, 0)).build(self.parameter_groups())
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        schedule = self.schedule_for_task(max(self.task_index, 0))
+        if schedule.epochs == 0:
+            return None  # a training-free task: its fit has no epochs and nothing to optimise
+        optimizer, scheduler = schedule.build(self.parameter_groups())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ evaluation
@@ -270,8 +282,16 @@ class IncrementalModule(LightningModule):
         self.head.expand(arch["head_classes"])
 
     @torch.no_grad()
-    def extract_features(self, dataset: Dataset, flip: bool = False, batch_size: int = 256) -> Tensor:
-        """Backbone features (fp32) of every sample of ``dataset``, in dataset order, on the CPU.
+    def extract_features(
+        self,
+        dataset: Dataset,
+        flip: bool = False,
+        batch_size: int = 256,
+        network: Callable[[Tensor], Tensor] | None = None,
+        dim: int | None = None,
+    ) -> Tensor:
+        """Backbone features (fp32) of every sample of ``dataset``, in dataset order, on the CPU; ``network`` (of
+        ``dim`` outputs) computes other features instead (e.g. APER's two concatenated ViT passes).
 
         Runs between fits (task ends), in eval mode, on the training device, in full precision even when
         autocast is on (herding, class means and DER's balancing read these features). Under DDP each rank
@@ -283,11 +303,13 @@ class IncrementalModule(LightningModule):
         self.eval()
         self.to(data.device)
 
+        compute = network or self.backbone
+
         def features(images: Tensor) -> Tensor:
-            return self.backbone(torch.flip(images, dims=[3]) if flip else images).float()
+            return compute(torch.flip(images, dims=[3]) if flip else images).float()
 
         with full_precision(data.device.type):
-            out = data.map(features, dataset, self.backbone.out_dim, batch_size)
+            out = data.map(features, dataset, dim or self.backbone.out_dim, batch_size)
         self.train(was_training)
         return out
 

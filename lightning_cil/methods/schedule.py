@@ -58,7 +58,8 @@ class TaskSchedule:
     """Optimisation of one task: every CIL paper gives the first task its own epochs and learning rates.
 
     Args:
-        epochs: training epochs of the task.
+        epochs: training epochs of the task; 0 trains nothing (a training-free task, e.g. SimpleCIL's, or the later
+            tasks of APER, whose work is all in the task hooks).
         lr: initial learning rate (of every parameter group that does not scale it, see
             ``IncrementalModule.parameter_groups``).
         optimizer: ``sgd``, ``adam``, ``adamw``, or the import path of any ``torch.optim.Optimizer`` (e.g.
@@ -91,8 +92,10 @@ class TaskSchedule:
 
     def check(self, name: str) -> None:
         """Refuse settings that cannot run, naming the bad value (before any training)."""
-        if self.epochs < 1:
-            raise ValueError(f"{name}.epochs={self.epochs} must be at least 1.")
+        if self.epochs < 0:
+            raise ValueError(f"{name}.epochs={self.epochs} must be at least 0 (0: the task trains nothing).")
+        if self.epochs == 0:
+            return  # nothing is optimised: the optimizer settings are never used
         if self.lr <= 0:
             raise ValueError(f"{name}.lr={self.lr} must be positive.")
         bad = [m for m in self.milestones if not 0 < m < self.epochs]

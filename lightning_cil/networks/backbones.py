@@ -330,3 +330,18 @@ def resnet18_cifar(in_channels: int = 3) -> nn.Module:
     net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
     net.maxpool = nn.Identity()
     return _TorchvisionFeatures(net, 512)
+
+
+@register_backbone("vit_micro_patch8_32")
+def vit_micro_patch8_32(in_channels: int = 3) -> nn.Module:
+    """A 2.7M-parameter ViT for 32 px images: timm's ``VisionTransformer`` with 8 px patches, 192 wide, 6 blocks
+    of 3 heads, the [CLS] token after the final LayerNorm as feature (192-d). Being timm's ViT, every
+    pre-trained-model method (adapters, prompts) runs on it; the project pre-trains it on CIFAR-10 classes that
+    its test streams never show (``configs/backbone_vit_cifar10.yaml``) for offline tests and CPU benchmarks."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, in_chans=in_channels, embed_dim=192, depth=6, num_heads=3, num_classes=0
+    )
+    vit.out_dim = vit.num_features
+    return vit

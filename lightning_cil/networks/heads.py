@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IncrementalLinear", "TaskHeads"]
+__all__ = ["CosineLinear", "CosinePrototypes", "IncrementalLinear", "TaskHeads"]
 
 
 class IncrementalLinear(nn.Module):
@@ -96,3 +97,60 @@ class TaskHeads(nn.Module):
         if not len(self.heads):
             return features.new_zeros(len(features), 0)
         return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+class CosineLinear(nn.Module):
+    """``sigma * cos(features, w_c)`` for every class c, with a learnable scale ``sigma`` (initialised to 1): the
+    trained head of APER's and RanPAC's first-task adaptation (a ``CosineLinear`` in their code)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.uniform_(self.weight, -(in_features**-0.5), in_features**-0.5)
+        self.sigma = nn.Parameter(torch.ones(()))
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.sigma * F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+
+
+class CosinePrototypes(nn.Module):
+    """A classifier of class prototypes, not trained: class c scores ``cos(features, p_c)``, with ``p_c`` the mean
+    feature of its training images (SimpleCIL, APER). Prototypes are buffers (saved with the weights); a class
+    without one yet scores 0. Same growing interface as :class:`IncrementalLinear`."""
+
+    def __init__(self, in_features: int, out_features: int = 0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.register_buffer("prototypes", torch.zeros(out_features, in_features))
+
+    @property
+    def out_features(self) -> int:
+        return self.prototypes.shape[0]
+
+    def expand(self, out_features: int) -> None:
+        if out_features > self.out_features:
+            grown = self.prototypes.new_zeros(out_features, self.in_features)
+            grown[: self.out_features] = self.prototypes
+            self.prototypes = grown
+
+    def set_class_means(self, features: Tensor, labels: Tensor) -> None:
+        """The prototypes of the classes in ``labels``: the mean of their rows of ``features`` (sums in float64, so
+        that the mean does not depend on the order of the rows beyond float64 rounding)."""
+        classes = labels.unique()
+        self.expand(int(classes.max()) + 1)
+        sums = torch.zeros(self.out_features, self.in_features, dtype=torch.float64)
+        sums.index_add_(0, labels.cpu(), features.cpu().double())
+        counts = torch.bincount(labels.cpu(), minlength=self.out_features).clamp(min=1)
+        means = (sums / counts[:, None]).to(self.prototypes.dtype).to(self.prototypes.device)
+        self.prototypes[classes.to(self.prototypes.device)] = means[classes.to(self.prototypes.device)]
+
+    def forward(self, features: Tensor) -> Tensor:
+        prototypes = F.normalize(self.prototypes.float(), dim=1)
+        return F.linear(F.normalize(features.float(), dim=1), prototypes)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
