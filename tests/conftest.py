@@ -84,6 +84,45 @@ def cifar10_small_root(cifar10_root: Path, tmp_path_factory: pytest.TempPathFact
     return root
 
 
+#: the project's own small ViT and its weights, pre-trained on five CIFAR-10 classes (configs/backbone_vit_cifar10.yaml)
+WEIGHTS = REPO / "weights" / "vit_micro_patch8_32.cifar10_5cls.safetensors"
+BACKBONE = "vit_micro_patch8_32"
+#: the CIFAR-10 classes that backbone never saw
+UNSEEN = ("dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.fixture(scope="session")
+def unseen_root(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CIFAR-10 classes the small ViT was not pre-trained on, as an ImageFolder tree of links."""
+    root = tmp_path_factory.mktemp("cifar10_unseen")
+    for split in ("train", "test"):
+        (root / split).mkdir()
+        for name in UNSEEN:
+            (root / split / name).symlink_to(cifar10_root / split / name, target_is_directory=True)
+    return root
+
+
+def unseen_stream(root: Path, initial: int = 2, increment: int = 1, **overrides):
+    """The offline stream of the pre-trained-model methods: the unseen classes in 4 tasks (2 + 1 + 1 + 1), 100
+    training and 50 test images each, at 32 px with the CIFAR-10 preset (the backbone's pre-training input)."""
+    from lightning_cil import TaskStreamDataModule
+
+    options = dict(
+        dataset="imagefolder",
+        root=str(root),
+        augmentation="cifar10",
+        initial_classes=initial,
+        increment=increment,
+        class_order_seed=None,
+        max_train_per_class=100,
+        max_test_per_class=50,
+        batch_size=32,
+        num_workers=0,
+    )
+    options.update(overrides)
+    return TaskStreamDataModule(**options)
+
+
 @pytest.fixture(scope="session")
 def pacs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PACS at 64px: <domain>/<class>/*.jpg, extracted once per session."""

@@ -41,24 +41,30 @@ __all__ = ["TaskDataset", "TaskStreamDataModule"]
 
 
 class TaskDataset(Dataset):
-    """Samples of a split as ``(image, label, task)``: labels are stream labels (class-order positions)."""
+    """Samples of a split as ``(image, label, task)``: labels are stream labels (class-order positions). With
+    ``with_index`` (the evaluation loaders) each sample also carries its split index, by which a method may cache
+    what a frozen network computes on it (``methods/feature_cache.py``)."""
 
-    def __init__(self, split: ImageSplit, indices: Tensor, labels: Tensor, tasks: Tensor, transform) -> None:
+    def __init__(
+        self, split: ImageSplit, indices: Tensor, labels: Tensor, tasks: Tensor, transform, with_index: bool = False
+    ) -> None:
         self.split = split
         self.indices = indices
         self.labels = labels
         self.tasks = tasks
         self.transform = transform
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int] | tuple[Tensor, int, int, int]:
         if isinstance(key, tuple):  # (position, augmentation seed) from SeededShuffleSampler
             key, seed = key
             seed_sample(seed)
         j = int(self.indices[key])
-        return self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
+        sample = self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
+        return (*sample, j) if self.with_index else sample
 
 
 class TaskStreamDataModule(L.LightningDataModule):
@@ -445,6 +451,7 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def _eval_loader(self) -> DataLoader:
         dataset = self.test_dataset()
+        dataset.with_index = True  # batches are (images, labels, tasks, test-split indices)
         world, rank = self._world()
         sampler = ShardedEvalSampler(dataset, num_replicas=world, rank=rank)
         return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, sampler)
@@ -460,10 +467,10 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``gpu_augmentation``: augment and normalise a training batch (``uint8``) on its device."""
-        images, labels, tasks = batch
+        images, *rest = batch
         if self.batch_augmentation is None or images.dtype != torch.uint8:
             return batch
-        return self.batch_augmentation(images, self._generator(images.device)), labels, tasks
+        return self.batch_augmentation(images, self._generator(images.device)), *rest
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The batch augmentation's generator, seeded by (seed, epoch, rank) at the first batch of each epoch, so

@@ -73,6 +73,11 @@ class TaskData:
         return self._datamodule.train_dataset()
 
     @property
+    def test_split(self) -> object:
+        """The test split the evaluation loaders' sample indices refer to (what a feature cache is tied to)."""
+        return self._datamodule.splits.test
+
+    @property
     def batch_size(self) -> int:
         """The training batch size per process."""
         return self._datamodule.hparams.batch_size

@@ -3,11 +3,14 @@
 from lightning_cil.methods.aper import APER
 from lightning_cil.methods.base import IncrementalModule, TaskSchedule
 from lightning_cil.methods.bic import BiC
+from lightning_cil.methods.coda_prompt import CODAPrompt
 from lightning_cil.methods.der import DER
+from lightning_cil.methods.dualprompt import DualPrompt
 from lightning_cil.methods.ewc import EWC
 from lightning_cil.methods.finetune import Finetune
 from lightning_cil.methods.icarl import ICaRL
 from lightning_cil.methods.joint import Joint
+from lightning_cil.methods.l2p import L2P
 from lightning_cil.methods.lwf import LwF
 from lightning_cil.methods.packnet import PackNet
 from lightning_cil.methods.piggyback import Piggyback
@@ -18,12 +21,15 @@ from lightning_cil.methods.wa import WA
 __all__ = [
     "APER",
     "BiC",
+    "CODAPrompt",
     "DER",
+    "DualPrompt",
     "EWC",
     "Finetune",
     "ICaRL",
     "IncrementalModule",
     "Joint",
+    "L2P",
     "LwF",
     "PackNet",
     "Piggyback",

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.data.task_data import TaskData
+from lightning_cil.methods.feature_cache import FrozenFeatureCache
 from lightning_cil.methods.protocol import Protocol
 from lightning_cil.methods.schedule import TaskSchedule
 from lightning_cil.metrics import TaskAccuracy
@@ -83,6 +84,11 @@ class IncrementalModule(LightningModule):
         #: per scorer, the counts of the last evaluation pass (read by the stream)
         self.last_evaluation: dict[str, dict[str, list[int]]] = {}
         self._task_data: TaskData | None = None
+        #: frozen networks' features on test images (see :meth:`frozen_features`); not saved in checkpoints
+        self.feature_cache = FrozenFeatureCache()
+        #: False recomputes every frozen feature at every evaluation (the same numbers, more time)
+        self.cache_frozen_features = True
+        self._evaluation_ids: Tensor | None = None
 
     def protocol(self) -> Protocol:
         """What this method's protocol requires (checked by the stream before training, recorded in metrics.json);
@@ -203,10 +209,24 @@ class IncrementalModule(LightningModule):
         """Class scores per scorer (keys = :attr:`scorers`)."""
         return {"cnn": self(images)}
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor]) -> None:
-        images, labels, tasks = batch
-        for name, scores in self.evaluation_scores(images).items():
-            self.eval_metrics[name].update(self.restrict_to_tasks(scores, tasks), labels, tasks)
+    def _evaluate(self, batch: tuple[Tensor, ...]) -> None:
+        images, labels, tasks, *ids = batch  # the evaluation loaders add each sample's test-split index
+        self._evaluation_ids = ids[0] if ids else None
+        try:
+            for name, scores in self.evaluation_scores(images).items():
+                self.eval_metrics[name].update(self.restrict_to_tasks(scores, tasks), labels, tasks)
+        finally:
+            self._evaluation_ids = None
+
+    def frozen_features(self, name: str, images: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
+        """``compute(images)`` for an evaluation batch, where ``compute`` is a frozen network: inside a stream its
+        rows are cached by test image (:class:`FrozenFeatureCache`), so that each test image passes through it once
+        over the whole stream. Outside a stream's evaluation it is just ``compute(images)``. A method calls
+        ``self.feature_cache.clear()`` whenever the network behind ``name`` changes."""
+        if self._evaluation_ids is None or self._task_data is None or not self.cache_frozen_features:
+            return compute(images)
+        self.feature_cache.bind(self._task_data.test_split)
+        return self.feature_cache.lookup(name, self._evaluation_ids, images, compute)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch)
@@ -278,6 +298,7 @@ class IncrementalModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         arch = self.check_checkpoint_identity(checkpoint)
+        self.feature_cache.clear()  # the weights change
         self._enter_task(arch["task_index"], arch["num_tasks"], arch["scenario"], arch["label_task"])
         self.head.expand(arch["head_classes"])
 

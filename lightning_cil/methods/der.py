@@ -157,6 +157,19 @@ class DER(RehearsalModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
 
+    def evaluation_scores(self, images: Tensor) -> dict[str, Tensor]:
+        """The classifier on the super-feature. An extractor is final once its task has ended (frozen, pruned):
+        its features of a test image are computed at the image's first evaluation and reused by every later one
+        (``frozen_features``), so that an evaluation runs the old extractors on the new tasks' images only. The
+        extractor a fit is still training (validation during the fit) is always run."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        newest = len(self.backbone.extractors) - 1
+        features = [
+            extractor(images) if fitting and i == newest else self.frozen_features(f"extractor{i}", images, extractor)
+            for i, extractor in enumerate(self.backbone.extractors)
+        ]
+        return {"cnn": self.head(torch.cat(features, dim=1))}
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The mask embeddings train without weight decay, as in HAT: decay would pull every e towards 0, i.e.
         every mask towards sigmoid(0) = 0.5 once annealed, against the sparsity loss that decides which go off."""

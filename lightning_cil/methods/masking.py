@@ -84,8 +84,8 @@ class TaskMaskedModule(IncrementalModule):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor]) -> None:
-        images, labels, tasks = batch
+    def _evaluate(self, batch: tuple[Tensor, ...]) -> None:
+        images, labels, tasks, *_ = batch
         if len(tasks) and int(tasks.max()) > self.task_index:
             raise ValueError(
                 f"task id {int(tasks.max())} is out of range: this model has learned tasks 0..{self.task_index}."

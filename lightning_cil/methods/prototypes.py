@@ -121,6 +121,7 @@ class PrototypeModule(IncrementalModule):
     def on_task_start(self, task: TaskInfo) -> None:
         super().on_task_start(task)
         if self.schedule_for_task(task.index).epochs:  # the first task's adaptation
+            self.feature_cache.clear()
             self.adaptation_head = CosineLinear(self.backbone.out_dim, len(task.new_classes)).to(self.device)
 
     def on_task_end(self, task: TaskInfo) -> None:
@@ -152,7 +153,13 @@ class PrototypeModule(IncrementalModule):
         return self.head(self.features(x))
 
     def evaluation_scores(self, images: Tensor) -> dict[str, Tensor]:
-        return {self.scorers[0]: self(images)}
+        """The classifier on the features; once the network is frozen (outside the first task's adaptation) they
+        are computed once per test image over the stream (``frozen_features``)."""
+        if self.adaptation_head is None:
+            features = self.frozen_features("features", images, self.features)
+        else:
+            features = self.features(images)
+        return {self.scorers[0]: self.head(features)}
 
     # ------------------------------------------------------------------ checkpoints
 

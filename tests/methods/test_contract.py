@@ -11,13 +11,16 @@ import lightning_cil.methods as methods
 from lightning_cil import TaskSchedule, run_stream
 from lightning_cil.methods import IncrementalModule
 from lightning_cil.methods.masking import TaskMaskedModule
+from lightning_cil.methods.prompting import PromptModule
 from lightning_cil.methods.prototypes import PrototypeModule
 
 #: the pre-trained-model methods need a pre-trained ViT: their contract is in test_pretrained_models.py
 METHODS = [
     cls
     for _, cls in inspect.getmembers(methods, inspect.isclass)
-    if issubclass(cls, IncrementalModule) and cls is not IncrementalModule and not issubclass(cls, PrototypeModule)
+    if issubclass(cls, IncrementalModule)
+    and cls is not IncrementalModule
+    and not issubclass(cls, (PrototypeModule, PromptModule))
 ]
 
 

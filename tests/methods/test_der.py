@@ -109,3 +109,47 @@ def test_der_keeps_first_task_accuracy_that_finetune_loses(split_cifar10):
     finetune = split_cifar10("finetune")["scorers"]["cnn"]["accuracy_matrix"]
     assert finetune[-1][0] < 5
     assert der[-1][0] > finetune[-1][0] + 10, der
+
+
+class _ExtractorPasses(L.Callback):
+    """Images through every extractor during the closing evaluations."""
+
+    def __init__(self) -> None:
+        self.images, self.testing, self.hooked = 0, False, set()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.testing = True
+        for extractor in pl_module.backbone.extractors:
+            if id(extractor) not in self.hooked:
+                extractor.register_forward_pre_hook(self._count)
+                self.hooked.add(id(extractor))
+
+    def _count(self, module, inputs) -> None:
+        self.images += len(inputs[0]) if self.testing else 0
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.testing = False
+
+
+def test_cached_extractor_features_change_no_number_and_keep_evaluation_flat(tmp_path):
+    """Old extractors are final: with their test features cached, evaluation after task t runs extractor j < t on
+    task t's new test images only. The accuracy matrix is the one of recomputing everything."""
+    results = []
+    for cache in (True, False):
+        L.seed_everything(0)
+        dm = TaskStreamDataModule(
+            dataset="digits", initial_classes=4, increment=3, class_order_seed=None, batch_size=64, num_workers=0
+        )
+        schedule = TaskSchedule(epochs=1, lr=0.05, milestones=[])
+        model = DER(backbone="resnet20", in_channels=1, schedule=schedule, memory_budget=60, balance_epochs=2)
+        model.cache_frozen_features = cache
+        passes = _ExtractorPasses()
+        run_stream(make_trainer(tmp_path / str(cache), callbacks=[passes]), model, dm)
+        metrics = json.loads((tmp_path / str(cache) / "run" / "version_0" / "metrics.json").read_text())
+        test_sizes = [m["total"] for m in [model.last_evaluation["cnn"]]][0]
+        results.append((metrics["scorers"]["cnn"]["accuracy_matrix"], passes.images, test_sizes))
+    (cached, cached_passes, sizes), (plain, plain_passes, _) = results
+    assert cached == plain
+    seen = [sum(sizes[: t + 1]) for t in range(3)]
+    assert plain_passes == sum((t + 1) * seen[t] for t in range(3))  # every extractor on every seen image
+    assert cached_passes == sum(seen[t] + t * sizes[t] for t in range(3))  # the newest on all, old ones on new

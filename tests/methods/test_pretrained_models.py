@@ -1,4 +1,4 @@
-"""The pre-trained-model methods (SimpleCIL, APER, RanPAC) on real images, offline.
+"""The pre-trained-model methods (SimpleCIL, APER, RanPAC, L2P, DualPrompt, CODA-Prompt) on real images, offline.
 
 The backbone is the project's own small ViT (``vit_micro_patch8_32``), pre-trained by
 configs/backbone_vit_cifar10.yaml on five CIFAR-10 classes (weights in weights/, command in benchmarks/README.md).
@@ -16,47 +16,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, CrashAtEpoch, cli, make_trainer
+from conftest import BACKBONE, REPO, WEIGHTS, CrashAtEpoch, cli, make_trainer, unseen_stream
 from safetensors.torch import load_file
 
 from lightning_cil import TaskSchedule, TaskStreamDataModule, run_stream
-from lightning_cil.methods import APER, Finetune, RanPAC, SimpleCIL
+from lightning_cil.methods import APER, L2P, CODAPrompt, DualPrompt, Finetune, RanPAC, SimpleCIL
 from lightning_cil.methods.prototypes import PrototypeModule
 from lightning_cil.networks.vit_tuning import pet_parameters
 from lightning_cil.stream import StreamCallback
 
-WEIGHTS = REPO / "weights" / "vit_micro_patch8_32.cifar10_5cls.safetensors"
-BACKBONE = "vit_micro_patch8_32"
-UNSEEN = ("dog", "frog", "horse", "ship", "truck")
 ADAPT = TaskSchedule(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine")
-
-
-@pytest.fixture(scope="session")
-def unseen_root(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The CIFAR-10 classes the backbone was not pre-trained on, as an ImageFolder tree of links."""
-    root = tmp_path_factory.mktemp("cifar10_unseen")
-    for split in ("train", "test"):
-        (root / split).mkdir()
-        for name in UNSEEN:
-            (root / split / name).symlink_to(cifar10_root / split / name, target_is_directory=True)
-    return root
-
-
-def unseen_stream(root: Path, initial: int = 2, increment: int = 1, **overrides) -> TaskStreamDataModule:
-    options = dict(
-        dataset="imagefolder",
-        root=str(root),
-        augmentation="cifar10",
-        initial_classes=initial,
-        increment=increment,
-        class_order_seed=None,
-        max_train_per_class=100,
-        max_test_per_class=50,
-        batch_size=32,
-        num_workers=0,
-    )
-    options.update(overrides)
-    return TaskStreamDataModule(**options)
+PROMPT = TaskSchedule(epochs=2, lr=0.01, optimizer="adam", weight_decay=0.0, milestones=[])
+PROMPT_METHODS = {"L2P": L2P, "DualPrompt": DualPrompt, "CODAPrompt": CODAPrompt}
 
 
 class Snapshots(StreamCallback):
@@ -70,7 +41,12 @@ class Snapshots(StreamCallback):
         pet = {str(i): p.detach().cpu().clone() for i, p in enumerate(pet_parameters(pl_module.backbone))}
         own = {k: v.detach().cpu().clone() for k, v in pl_module.backbone.state_dict().items() if _is_vit_weight(k)}
         head = {k: v.detach().cpu().clone() for k, v in pl_module.head.state_dict().items()}
-        self.after.append({"pet": pet, "vit": own, "head": head})
+        prompts = {
+            name: p.detach().cpu().clone()
+            for name, p in pl_module.named_parameters()
+            if not name.startswith(("backbone.", "head."))
+        }
+        self.after.append({"pet": pet, "vit": own, "head": head, "prompts": prompts})
 
 
 def _is_vit_weight(key: str) -> bool:
@@ -94,6 +70,8 @@ def _make(method: str, **options) -> PrototypeModule | Finetune:
         return APER(first_task=ADAPT, **common, **options)
     if method == "RanPAC":
         return RanPAC(first_task=ADAPT, projection_dim=512, **common, **options)
+    if method in PROMPT_METHODS:
+        return PROMPT_METHODS[method](schedule=PROMPT, **common, **options)
     schedule = TaskSchedule(epochs=3, lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=[])
     return Finetune(schedule=schedule, **common)
 
@@ -104,10 +82,11 @@ def _run(
     out: Path,
     datamodule: TaskStreamDataModule | None = None,
     extra_callbacks: list | None = None,
+    options: dict | None = None,
     **trainer_options,
 ):
     L.seed_everything(0)
-    model = _make(method)
+    model = _make(method, **(options or {}))
     snapshots = Snapshots()
     trainer = make_trainer(out, callbacks=[snapshots, *(extra_callbacks or [])], **trainer_options)
     summary = run_stream(trainer, model, datamodule or unseen_stream(root))
@@ -216,14 +195,17 @@ def test_a_rehearsal_free_method_with_a_memory_is_refused(unseen_root, tmp_path)
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
-@pytest.mark.parametrize("method", ["APER", "SimpleCIL"])
+@pytest.mark.parametrize("method", ["APER", "SimpleCIL", "CODAPrompt"])
 def test_a_resumed_stream_ends_with_the_identical_accuracy_matrix(runs, unseen_root, tmp_path, method):
-    """APER stopped in its first task's adaptation (mid-task, epoch 2 of 3) and SimpleCIL after its second task (a
-    training-free task, restored without a fit) both resume to the accuracy matrix of the uninterrupted run."""
-    reference = runs(method)["metrics"]["scorers"]["prototype"]["accuracy_matrix"]
+    """APER stopped in its first task's adaptation (mid-task, epoch 2 of 3), CODA-Prompt in its second task (whose
+    components it grew at the task start) and SimpleCIL after its second task (a training-free task, restored without
+    a fit) all resume to the accuracy matrix of the uninterrupted run."""
+    scorer = _make(method).scorers[0]
+    reference = runs(method)["metrics"]["scorers"][scorer]["accuracy_matrix"]
     L.seed_everything(0)
-    first = make_trainer(tmp_path, callbacks=[CrashAtEpoch(1)] if method == "APER" else [])
-    if method == "APER":
+    crash = {"APER": [CrashAtEpoch(1)], "CODAPrompt": [CrashAtEpoch(PROMPT.epochs + 1)]}.get(method, [])
+    first = make_trainer(tmp_path, callbacks=crash)
+    if crash:
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_stream(first, _make(method), unseen_stream(unseen_root))
         checkpoint = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
@@ -234,7 +216,7 @@ def test_a_resumed_stream_ends_with_the_identical_accuracy_matrix(runs, unseen_r
     resumed = make_trainer(tmp_path)
     run_stream(resumed, _make(method), unseen_stream(unseen_root), ckpt_path=str(checkpoint))
     metrics = json.loads((tmp_path / "run" / "version_0" / "metrics.json").read_text())
-    assert metrics["scorers"]["prototype"]["accuracy_matrix"] == reference
+    assert metrics["scorers"][scorer]["accuracy_matrix"] == reference
     assert metrics["resumes"][0]["checkpoint"] == str(checkpoint)
 
 
@@ -260,60 +242,90 @@ class AutocastProbe(L.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC"])
+@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC", *PROMPT_METHODS])
 def test_bf16_mixed_runs_the_vit_in_bf16_and_keeps_the_statistics_in_fp32(runs, unseen_root, tmp_path, method):
     probe = AutocastProbe()
     run = _run(method, unseen_root, tmp_path, precision="bf16-mixed", extra_callbacks=[probe])
     head = run["model"].head
-    statistics = [head.prototypes] if method != "RanPAC" else [head.gram, head.cross, head.weight]
-    assert all(t.dtype in (torch.float32, torch.float64) and torch.isfinite(t).all() for t in statistics)
+    statistics = {"SimpleCIL": ["prototypes"], "APER": ["prototypes"], "RanPAC": ["gram", "cross", "weight"]}
+    for name in statistics.get(method, ["weight", "bias"]):
+        tensor = getattr(head, name)
+        assert tensor.dtype in (torch.float32, torch.float64) and torch.isfinite(tensor).all(), name
     assert ("eval", torch.bfloat16) in probe.seen and (method == "SimpleCIL" or ("train", torch.bfloat16) in probe.seen)
     assert abs(_average(run) - _average(runs(method))) < 5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC"])
-def test_a_two_process_stream_gives_the_classifier_and_accuracy_of_one_process(unseen_root, tmp_path, method):
-    """The new classes' features are extracted in shards and gathered: the statistics (prototypes; RanPAC's G, C and
-    ridge weights) are those of one process, and the accuracy reported under DDP is what one process measures."""
-    config = REPO / "configs" / f"{method.lower()}_cifar100_vit.yaml"
+CONFIGS = {"SimpleCIL": "simplecil", "APER": "aper", "RanPAC": "ranpac", "L2P": "l2p", "DualPrompt": "dualprompt"}
+CONFIGS["CODAPrompt"] = "coda_prompt"
+
+
+def _offline(method: str, root: Path, *extra: str) -> list[str]:
+    """configs/<method>_cifar100_vit.yaml on the offline stream: the small ViT, 60 training / 30 test images per
+    class, 2 + 1 + 1 + 1 classes, one epoch where the method trains."""
     options = [
-        "--config", str(config), "--data.dataset", "imagefolder", "--data.root", str(unseen_root),
-        "--data.augmentation", "cifar10", "--data.protocol", "B0_Inc1", "--data.max_train_per_class", "60",
+        "--config", str(REPO / "configs" / f"{CONFIGS[method]}_cifar100_vit.yaml"), "--data.dataset", "imagefolder",
+        "--data.root", str(root), "--data.augmentation", "cifar10", "--data.protocol", "null",
+        "--data.initial_classes", "2", "--data.increment", "1", "--data.max_train_per_class", "60",
         "--data.max_test_per_class", "30", "--data.num_workers", "0", "--data.batch_size", "16",
-        "--model.init_args.backbone", BACKBONE, "--model.init_args.pretrained", str(WEIGHTS),
-        "--trainer.precision", "32", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+        "--data.class_order_seed", "null", "--model.init_args.backbone", BACKBONE,
+        "--model.init_args.pretrained", str(WEIGHTS), "--trainer.precision", "32",
+        "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
     ]  # fmt: skip
-    if method != "SimpleCIL":
-        options += ["--model.init_args.first_task.epochs", "1", "--data.initial_classes", "2", "--data.increment", "1"]
-        options.remove("--data.protocol"), options.remove("B0_Inc1")
+    if method in ("APER", "RanPAC"):
+        options += ["--model.init_args.first_task.epochs", "1"]
+    if method in PROMPT_METHODS:
+        options += ["--model.init_args.schedule.epochs", "1", "--model.init_args.schedule.lr", "0.01"]
     if method == "RanPAC":
         options += ["--model.init_args.projection_dim", "256"]
-    heads, reported = {}, {}
+    return [*options, *extra]
+
+
+def _fit(options: list[str], out_dir: Path, devices: int) -> Path:
+    """``lightning-cil fit`` on ``devices`` processes; the run folder."""
+    ddp = ["--trainer.devices", str(devices)] + (["--trainer.strategy", "ddp"] if devices > 1 else [])
+    out = cli("fit", *options, *ddp, "--trainer.default_root_dir", str(out_dir),
+              "--trainer.logger.init_args.save_dir", str(out_dir))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (metrics,) = out_dir.glob("*/version_0/metrics.json")
+    return metrics.parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["SimpleCIL", "RanPAC"])
+def test_a_two_process_stream_builds_the_classifier_of_one_process(unseen_root, tmp_path, method):
+    """The new classes' features are extracted in shards and gathered, so the statistics (prototypes; RanPAC's G, C
+    and ridge weights) of a 2-process stream are those of 1 process. RanPAC without its first-task adaptation (the
+    paper's "no Phase 1"): an adaptation trained on 2 processes sees other batches than on 1."""
+    extra = ["--model.init_args.adaptation", "null", "--model.init_args.first_task.epochs", "0"]
+    options = _offline(method, unseen_root)
+    options = [*options, *extra] if method == "RanPAC" else options
+    heads = {}
     for devices in (1, 2):
-        out_dir = tmp_path / f"devices{devices}"
-        extra = ["--trainer.devices", str(devices)] + (["--trainer.strategy", "ddp"] if devices == 2 else [])
-        out = cli("fit", *options, *extra, "--trainer.default_root_dir", str(out_dir),
-                  "--trainer.logger.init_args.save_dir", str(out_dir))  # fmt: skip
-        assert out.returncode == 0, out.stderr[-3000:]
-        (metrics,) = out_dir.glob("*/version_0/metrics.json")
-        reported[devices] = json.loads(metrics.read_text())["summary"]["last_accuracy"]
-        state = torch.load(metrics.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        run = _fit(options, tmp_path / f"devices{devices}", devices)
+        state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         heads[devices] = {k: v for k, v in state["state_dict"].items() if k.startswith("head.")}
-    assert heads[1].keys() == heads[2].keys()
+    assert heads[1].keys() == heads[2].keys() and heads[1]
     for key in heads[1]:
         assert torch.allclose(heads[1][key].double(), heads[2][key].double(), rtol=1e-4, atol=1e-5), key
-    checkpoint = next((tmp_path / "devices2").glob("*/version_0/checkpoints/last.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["APER", "RanPAC", *PROMPT_METHODS])
+def test_a_two_process_stream_reports_the_accuracy_one_process_measures(unseen_root, tmp_path, method):
+    options = _offline(method, unseen_root)
+    run = _fit(options, tmp_path / "ddp", 2)
+    metrics = json.loads((run / "metrics.json").read_text())
     evaluation = cli(
         "test", *options, "--trainer.devices", "1", "--trainer.default_root_dir", str(tmp_path / "eval"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "eval"), "--ckpt_path", str(checkpoint),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "eval"),
+        "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
     )  # fmt: skip
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    scorer = "ridge" if method == "RanPAC" else "prototype"
+    scorer = metrics["primary_scorer"]
     found = re.findall(
-        rf"Evaluation after task \d+/\d+ \({scorer}\): accuracy on seen classes ([\d.]+)%", evaluation.stdout
+        rf"Evaluation after task 4/4 \({scorer}\): accuracy on seen classes ([\d.]+)%", evaluation.stdout
     )
-    assert found and float(found[-1]) == pytest.approx(reported[2], abs=0.01), evaluation.stdout[-2000:]
+    assert found and float(found[-1]) == pytest.approx(metrics["summary"]["last_accuracy"], abs=0.01)
 
 
 def test_pretrained_model_methods_refuse_training_in_later_tasks():
@@ -326,7 +338,7 @@ def test_pretrained_model_methods_refuse_training_in_later_tasks():
     assert copy.deepcopy(SimpleCIL(backbone=BACKBONE, pretrained=None)).schedule.epochs == 0
 
 
-@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC"])
+@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC", *PROMPT_METHODS])
 def test_a_checkpoint_rebuilds_the_method_exactly(runs, unseen_root, tmp_path, method):
     run = runs(method)
     fresh = _make(method)
@@ -337,3 +349,103 @@ def test_a_checkpoint_rebuilds_the_method_exactly(runs, unseen_root, tmp_path, m
     assert mine.keys() == theirs.keys()
     for key in mine:
         assert torch.equal(mine[key].cpu(), theirs[key].cpu()), key
+
+
+class TrainedParameters(L.Callback):
+    """The names of the parameters the optimizer trains, at the start of every fit."""
+
+    def __init__(self) -> None:
+        self.per_fit: list[set[str]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.per_fit.append({name for name, p in pl_module.named_parameters() if id(p) in optimized})
+
+
+@pytest.mark.parametrize(
+    ("method", "trained"),
+    [
+        ("L2P", {"prompts", "keys"}),
+        ("DualPrompt", {"g_prompt", "e_prompts", "e_keys"}),
+        ("CODAPrompt", {"components", "component_keys", "component_attention"}),
+    ],
+)
+def test_prompt_methods_train_only_prompts_keys_and_the_head(runs, unseen_root, tmp_path, method, trained):
+    probe = TrainedParameters()
+    run = _run(method, unseen_root, tmp_path, extra_callbacks=[probe])
+    assert len(probe.per_fit) == 4
+    for names in probe.per_fit:
+        assert {name.split(".")[0] for name in names} == trained | {"head"}, names
+    pretrained = _pretrained_vit()
+    for snapshot in run["snapshots"]:
+        assert all(torch.equal(value, pretrained[key]) for key, value in snapshot["vit"].items())
+    if method == "CODAPrompt":  # each fit trains the current task's components only
+        assert [sorted(n for n in names if n.startswith("components.")) for names in probe.per_fit] == [
+            [f"components.{task}"] for task in range(4)
+        ]
+    assert run["metrics"]["protocol"]["old_logit_masking"] is True
+
+
+def test_coda_prompt_keeps_earlier_tasks_components_unchanged(runs):
+    snapshots = runs("CODAPrompt")["snapshots"]
+    for task in range(1, len(snapshots)):
+        for name, value in snapshots[task - 1]["prompts"].items():
+            assert torch.equal(snapshots[task]["prompts"][name], value), (task, name)
+        assert len(snapshots[task]["prompts"]) == 3 * (task + 1)
+
+
+def test_prompt_methods_beat_finetune_of_the_same_backbone(runs):
+    finetune = _average(runs("Finetune"))
+    for method in PROMPT_METHODS:
+        assert _average(runs(method)) > finetune + 10, (method, _average(runs(method)), finetune)
+
+
+def test_without_old_logit_masking_the_old_classes_are_forgotten(runs, unseen_root, tmp_path):
+    masked = runs("CODAPrompt")["metrics"]["scorers"]["cnn"]
+    unmasked = _run("CODAPrompt", unseen_root, tmp_path, options={"mask_old_logits": False})["metrics"]
+    assert unmasked["protocol"]["old_logit_masking"] is False
+    unmasked = unmasked["scorers"]["cnn"]
+    assert masked["accuracy_old"][-1] > unmasked["accuracy_old"][-1] + 20, (masked, unmasked)
+
+
+class EvaluationPasses(L.Callback):
+    """Images through the ViT's patch embedding during evaluations (every pass of the ViT starts there)."""
+
+    def __init__(self) -> None:
+        self.images, self.testing = 0, False
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.testing = True
+        if not getattr(pl_module.backbone.patch_embed, "_counted", False):
+            pl_module.backbone.patch_embed.register_forward_pre_hook(self._count)
+            pl_module.backbone.patch_embed._counted = True
+
+    def _count(self, module, inputs) -> None:
+        self.images += len(inputs[0]) if self.testing else 0
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.testing = False
+
+
+@pytest.mark.parametrize(
+    ("method", "passes"),
+    [("SimpleCIL", (250, 700)), pytest.param("CODAPrompt", (250 + 700, 2 * 700), marks=pytest.mark.slow)],
+)
+def test_the_frozen_feature_cache_passes_each_test_image_once_and_changes_no_number(
+    unseen_root, tmp_path, method, passes
+):
+    """Evaluations after tasks 1-4 see 100, 150, 200 and 250 test images: without the cache the frozen pass runs
+    on 700 images, with it on each of the 250 once (CODA-Prompt's prompted pass still runs on all 700)."""
+    matrices, counted = [], []
+    for cache in (True, False):
+        counter = EvaluationPasses()
+        L.seed_everything(0)
+        model = _make(method)
+        model.cache_frozen_features = cache
+        trainer = make_trainer(tmp_path / str(cache), callbacks=[counter])
+        run_stream(trainer, model, unseen_stream(unseen_root))
+        metrics = json.loads((tmp_path / str(cache) / "run" / "version_0" / "metrics.json").read_text())
+        matrices.append({name: m["accuracy_matrix"] for name, m in metrics["scorers"].items()})
+        counted.append(counter.images)
+    assert matrices[0] == matrices[1]
+    assert tuple(counted) == passes
