@@ -6,6 +6,7 @@ from lightning_cil.methods.bic import BiC
 from lightning_cil.methods.coda_prompt import CODAPrompt
 from lightning_cil.methods.der import DER
 from lightning_cil.methods.dualprompt import DualPrompt
+from lightning_cil.methods.ease import EASE
 from lightning_cil.methods.ewc import EWC
 from lightning_cil.methods.finetune import Finetune
 from lightning_cil.methods.icarl import ICaRL
@@ -16,6 +17,7 @@ from lightning_cil.methods.packnet import PackNet
 from lightning_cil.methods.piggyback import Piggyback
 from lightning_cil.methods.ranpac import RanPAC
 from lightning_cil.methods.simplecil import SimpleCIL
+from lightning_cil.methods.slca import SLCA
 from lightning_cil.methods.wa import WA
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "CODAPrompt",
     "DER",
     "DualPrompt",
+    "EASE",
     "EWC",
     "Finetune",
     "ICaRL",
@@ -35,6 +38,7 @@ __all__ = [
     "Piggyback",
     "RanPAC",
     "SimpleCIL",
+    "SLCA",
     "TaskSchedule",
     "WA",
 ]

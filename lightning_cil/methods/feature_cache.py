@@ -28,6 +28,10 @@ class FrozenFeatureCache:
     def clear(self) -> None:
         self._tables = {}
 
+    def forget(self, name: str) -> None:
+        """Drop one table (its network is about to change)."""
+        self._tables.pop(name, None)
+
     def bind(self, split: object) -> None:
         """Use the cache for ``split`` (the test split the indices refer to); another split empties it."""
         if split is not self._split:

@@ -49,6 +49,8 @@ class PrototypeModule(IncrementalModule):
 
     scorers: ClassVar[tuple[str, ...]] = ("prototype",)
     rehearsal_free = True
+    #: every task trains (EASE: one adapter per task); the others adapt in the first task at most
+    adapts_every_task: ClassVar[bool] = False
     #: the weights of the paper's numbers (recorded in the protocol card)
     paper_weights: ClassVar[tuple[str, ...]] = (VIT_IN21K,)
 
@@ -69,7 +71,7 @@ class PrototypeModule(IncrementalModule):
         # the checkpoint records the schedules that ran (a resume compares them with the configured ones)
         self.hparams["schedule"], self.hparams["first_task"] = self.schedule, self.first_task_schedule
         name = type(self).__name__
-        if self.schedule.epochs:
+        if self.schedule.epochs and not self.adapts_every_task:
             raise ValueError(
                 f"{name} trains nothing after the first task: schedule.epochs={self.schedule.epochs} must be 0 "
                 f"(the first task's adaptation is first_task)."
@@ -120,8 +122,8 @@ class PrototypeModule(IncrementalModule):
 
     def on_task_start(self, task: TaskInfo) -> None:
         super().on_task_start(task)
-        if self.schedule_for_task(task.index).epochs:  # the first task's adaptation
-            self.feature_cache.clear()
+        if self.schedule_for_task(task.index).epochs:  # an adaptation: the features are about to change
+            self.feature_cache.forget("features")
             self.adaptation_head = CosineLinear(self.backbone.out_dim, len(task.new_classes)).to(self.device)
 
     def on_task_end(self, task: TaskInfo) -> None:

@@ -109,7 +109,10 @@ class TunedBlock(nn.Module):
         self.kind = kind
         self.enabled = True
         dim = block.norm1.normalized_shape[0]
-        self.adapter = Adapter(dim, bottleneck) if kind == "adapter" else None
+        self.dim, self.bottleneck = dim, bottleneck
+        #: adapter sets (EASE adds one per task); ``active_adapter`` is the one the forward uses
+        self.adapters = nn.ModuleList([Adapter(dim, bottleneck)] if kind == "adapter" else [])
+        self.active_adapter = 0
         deep = kind == "vpt_deep"
         has_prompt = deep or (kind == "vpt_shallow" and index == 0)
         self.prompt = nn.Parameter(torch.zeros(prompt_tokens, dim)) if has_prompt else None
@@ -131,13 +134,13 @@ class TunedBlock(nn.Module):
         b = self.block
         x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
         out = x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
-        if self.enabled and self.adapter is not None:
-            out = out + self.adapter(x)
+        if self.enabled and len(self.adapters):
+            out = out + self.adapters[self.active_adapter](x)
         return out
 
     def pet_parameters(self) -> list[nn.Parameter]:
         if self.kind == "adapter":
-            return list(self.adapter.parameters())
+            return list(self.adapters.parameters())
         if self.kind == "ssf":
             return [p for m in self.modules() if isinstance(m, SSF) for p in m.parameters()]
         return [self.prompt] if self.prompt is not None else []
@@ -173,6 +176,35 @@ def pet_parameters(vit: nn.Module) -> list[nn.Parameter]:
     if isinstance(vit.norm, _Scaled):
         params += list(vit.norm.ssf.parameters())
     return params
+
+
+def add_adapter_set(vit: nn.Module) -> list[nn.Parameter]:
+    """One more adapter in every block of an adapter-tuned ``vit`` (made active); returns its parameters."""
+    params = []
+    for block in _tuned_blocks(vit):
+        device = next(block.block.parameters()).device
+        block.adapters.append(Adapter(block.dim, block.bottleneck).to(device))
+        block.active_adapter = len(block.adapters) - 1
+        params += list(block.adapters[-1].parameters())
+    return params
+
+
+def num_adapter_sets(vit: nn.Module) -> int:
+    return next((len(block.adapters) for block in _tuned_blocks(vit)), 0)
+
+
+@contextmanager
+def adapter_set(vit: nn.Module, index: int) -> Iterator[nn.Module]:
+    """Within the block, ``vit`` runs with its ``index``-th adapter set."""
+    blocks = list(_tuned_blocks(vit))
+    states = [block.active_adapter for block in blocks]
+    for block in blocks:
+        block.active_adapter = index
+    try:
+        yield vit
+    finally:
+        for block, state in zip(blocks, states):
+            block.active_adapter = state
 
 
 @contextmanager

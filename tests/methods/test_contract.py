@@ -13,6 +13,7 @@ from lightning_cil.methods import IncrementalModule
 from lightning_cil.methods.masking import TaskMaskedModule
 from lightning_cil.methods.prompting import PromptModule
 from lightning_cil.methods.prototypes import PrototypeModule
+from lightning_cil.methods.slca import SLCA
 
 #: the pre-trained-model methods need a pre-trained ViT: their contract is in test_pretrained_models.py
 METHODS = [
@@ -20,7 +21,7 @@ METHODS = [
     for _, cls in inspect.getmembers(methods, inspect.isclass)
     if issubclass(cls, IncrementalModule)
     and cls is not IncrementalModule
-    and not issubclass(cls, (PrototypeModule, PromptModule))
+    and not issubclass(cls, (PrototypeModule, PromptModule, SLCA))
 ]
 
 
