@@ -4,14 +4,14 @@
     python benchmarks/ptm_methods.py --root <cifar10> --backbone timm:vit_base_patch16_224.augreg_in21k \\
         --weights none --accelerator gpu --precision bf16-mixed --per-class 200 --batch 64 --workers 8  # a GPU
 
-Every method runs the offline stream of the tests (CIFAR-10's dog, frog, horse, ship and truck as 2 + 1 + 1 + 1
+Every method runs the offline stream of the tests (CIFAR-10's dog, frog, horse, ship and truck as 3 + 2
 classes; ``--per-class`` training images each) in a process of its own, so that a CPU's peak resident memory is
 its own. It records, with ``der_growth.CostMeter``, the training steps' images/s (after 2 warm-up batches; loading
-excluded) of every fit that trains (APER's and RanPAC's first task, every task of the prompt methods), the wall
-time of the stream, and the peak memory. After the stream it times, on one fixed batch in eval mode (under the
-run's precision), the forward the method needs per test image (SimpleCIL and RanPAC one ViT pass, APER and the
-prompt methods two) and, for the prototype methods, the feature extraction of a task end. The weights do not
-change the speed: ``--weights none`` measures a randomly initialised backbone (the hub is not needed).
+excluded) of every fit that trains (APER's and RanPAC's first task, every task of EASE, SLCA and the prompt
+methods), the wall time of the stream, and the peak memory. After the stream it times, on one fixed batch in eval
+mode (under the run's precision), the forward the method needs per test image (SimpleCIL, RanPAC and SLCA one ViT
+pass, APER and the prompt methods two, EASE one per task) and, for the prototype methods, the feature extraction of
+a task end. The weights do not change the speed: ``--weights none`` measures a randomly initialised backbone (the hub is not needed).
 
 Prints a table and writes benchmarks/results/ptm_methods.json (settings, machine record).
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 from harness import REPO, machine, write_result  # benchmarks/harness.py
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("SimpleCIL", "APER", "RanPAC", "L2P", "DualPrompt", "CODAPrompt")
+METHODS = ("SimpleCIL", "APER", "RanPAC", "EASE", "SLCA", "L2P", "DualPrompt", "CODAPrompt")
 DEFAULT_WEIGHTS = REPO / "weights" / "vit_micro_patch8_32.cifar10_5cls.safetensors"
 UNSEEN = ("dog", "frog", "horse", "ship", "truck")
 
@@ -56,6 +56,11 @@ def _model(method: str, args: argparse.Namespace):
         return lcm.APER(first_task=adapt, **common)
     if method == "RanPAC":
         return lcm.RanPAC(first_task=adapt, projection_dim=args.projection_dim, **common)
+    if method == "EASE":
+        return lcm.EASE(schedule=adapt, **common)
+    if method == "SLCA":
+        slow = TaskSchedule(epochs=args.epochs, lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=[])
+        return lcm.SLCA(schedule=slow, **common)
     return getattr(lcm, method)(schedule=prompt, **common)
 
 
@@ -73,7 +78,7 @@ def _child(args: argparse.Namespace) -> None:
     model = _model(args.method, args)
     preset = {"augmentation": "cifar10"} if getattr(model.backbone, "data_config", None) is None else {}
     data = TaskStreamDataModule(
-        dataset="imagefolder", root=args.tree, initial_classes=2, increment=1, class_order_seed=None,
+        dataset="imagefolder", root=args.tree, initial_classes=3, increment=2, class_order_seed=None,
         max_train_per_class=args.per_class, max_test_per_class=args.per_class // 2, batch_size=args.batch,
         num_workers=args.workers, **preset,
     )  # fmt: skip

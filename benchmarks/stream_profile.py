@@ -11,8 +11,10 @@ config runs in this process (``LightningCILCLI(run=False)`` + ``run_stream``) wi
 - ceiling: forward + backward images/s of the method's network (backbone + head) on one fixed batch of the
   configured size; inference: forward images/s in eval mode without gradients. Both measured before the stream,
   on a copy of the untrained model (for DER: one extractor).
-- the inference floor of a part is (images the backbone ran on in that part, times its extractors) / inference
-  images/s: what the passes cost at the network's own speed, against what the part took.
+- the inference floor of a part is (images the backbone ran on in that part, counted per extractor for DER, per
+  ViT pass for the pre-trained-model methods) / inference images/s: what the passes cost at the network's own
+  speed, against what the part took. (Counted from the stream's hooks: a DER extractor rebuilt by pruning at a
+  task end is counted from the next evaluation on.)
 
 Prints a table and writes benchmarks/results/stream_profile_<method>.json.
 """
@@ -52,17 +54,21 @@ class StreamProfiler(L.Callback):
 
     # -- counting backbone passes outside training (task end, evaluation)
     def _hook(self, pl_module) -> None:
+        """Count at the first module of every pass: a ViT's patch embedding (the prompt methods run its blocks
+        themselves), each of DER's extractors (evaluation may run only some of them), else the backbone."""
         backbone = pl_module.backbone
-        if id(backbone) in self._hooked:
-            return
-        self._hooked.add(id(backbone))
+        if hasattr(backbone, "patch_embed"):
+            modules = [backbone.patch_embed]
+        else:
+            modules = list(getattr(backbone, "extractors", [backbone]))
+        for module in modules:
+            if id(module) not in self._hooked:
+                self._hooked.add(id(module))
+                module.register_forward_pre_hook(self._count)
 
-        def count(module: nn.Module, inputs) -> None:
-            if not self._training:
-                extractors = len(getattr(module, "extractors", [None]))
-                self._images_outside_training += len(inputs[0]) * extractors
-
-        backbone.register_forward_pre_hook(count)
+    def _count(self, module: nn.Module, inputs) -> None:
+        if not self._training:
+            self._images_outside_training += len(inputs[0])
 
     def _now(self) -> float:
         _sync()
@@ -156,11 +162,17 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--root", help="data.root")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/stream_profile_<method>.json)")
+    parser.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="recompute frozen networks' test features at every evaluation (the stream before the cache)",
+    )
     parser.add_argument("overrides", nargs="*", help="after --: overrides of the config")
     args = parser.parse_args()
     cli_args = ["--config", args.config, *(["--data.root", args.root] if args.root else []), *args.overrides]
     cli = LightningCILCLI(args=cli_args, run=False)
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    model.cache_frozen_features = not args.no_feature_cache
     datamodule.use_backbone_defaults(model.backbone_data_config())
     datamodule.prepare_stream()
     image = datamodule.test_transform(datamodule.splits.train.image(0))
@@ -215,6 +227,7 @@ def main() -> None:
             "command": " ".join(["python benchmarks/stream_profile.py --config", args.config, "--", *args.overrides]),
             "machine": machine(),
             "loader_workers": datamodule.hparams.num_workers,
+            "feature_cache": model.cache_frozen_features,
             "summary": summary,
             "tasks": rows,
         },

@@ -59,7 +59,10 @@ def test_pretrained_weights_of_another_architecture_is_one_line(tmp_path, monkey
 def test_unknown_method_lists_the_available_ones(tmp_path, monkeypatch, capsys, class_path, reason):
     out = run_main(monkeypatch, capsys, "fit", *shrunk(tmp_path, "--model.class_path", class_path))
     assert_one_line(out, rf"model\.class_path='{re.escape(class_path)}' is not a method: {reason}")
-    assert "Available methods: BiC, DER, EWC, Finetune, ICaRL, Joint, LwF, PackNet, Piggyback, WA" in out.stderr
+    assert (
+        "Available methods: APER, BiC, CODAPrompt, DER, DualPrompt, EASE, EWC, Finetune, ICaRL, Joint, L2P, LwF, "
+        "PackNet, Piggyback, RanPAC, SimpleCIL, SLCA, WA" in out.stderr
+    )
 
 
 def test_other_parse_errors_keep_their_message_without_the_usage_block(tmp_path, monkeypatch, capsys):

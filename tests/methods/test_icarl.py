@@ -71,6 +71,7 @@ def test_teacher_is_frozen_and_in_eval_mode(tmp_path):
     assert model.num_parameters() == sum(p.numel() for p in model.backbone.parameters()) + 10 * 65
 
 
+@pytest.mark.slow  # iCaRL's and Finetune's Split CIFAR-10 runs, about 5 min on 2 cores (as the other families')
 def test_icarl_keeps_first_task_accuracy_that_finetune_loses(split_cifar10):
     """Split CIFAR-10 configs shrunk (see conftest), iCaRL with 200 exemplars (20 per class at the end).
 
