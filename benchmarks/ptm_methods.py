@@ -11,7 +11,8 @@ excluded) of every fit that trains (APER's and RanPAC's first task, every task o
 methods), the wall time of the stream, and the peak memory. After the stream it times, on one fixed batch in eval
 mode (under the run's precision), the forward the method needs per test image (SimpleCIL, RanPAC and SLCA one ViT
 pass, APER and the prompt methods two, EASE one per task) and, for the prototype methods, the feature extraction of
-a task end. The weights do not change the speed: ``--weights none`` measures a randomly initialised backbone (the hub is not needed).
+a task end. The weights do not change the speed: ``--weights none`` measures a randomly initialised backbone (the
+hub is not needed).
 
 Prints a table and writes benchmarks/results/ptm_methods.json (settings, machine record).
 """
