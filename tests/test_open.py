@@ -58,6 +58,7 @@ def _fit(config: str, out_dir: Path, data_root: Path, *extra: str) -> tuple[Path
 # ---------------------------------------------------------------------------------------------- the configs, run
 
 
+@pytest.mark.slow  # a 60 s CLI stream and its resume; the dataset-object path has faster checks here
 def test_an_imagefolder_dataset_by_class_path_trains_the_stream_and_resumes_exactly(cifar10_small_root, tmp_path):
     """configs/custom/imagefolder_dataset.yaml: torchvision's ImageFolder for both splits, iCaRL on top; the labels
     and class names are the dataset's, and a run resumed from its first task's checkpoint ends identically."""

@@ -29,6 +29,9 @@ from lightning_cil.stream import StreamCallback
 ADAPT = TaskSchedule(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine")
 PROMPT = TaskSchedule(epochs=4, lr=0.03, optimizer="adam", weight_decay=0.0, milestones=[])
 PROMPT_METHODS = {"L2P": L2P, "DualPrompt": DualPrompt, "CODAPrompt": CODAPrompt}
+SLOW = pytest.mark.slow
+#: EASE and SLCA, which train in every task, run with the slow checks
+EVERY_TASK = [pytest.param(m, marks=SLOW) for m in ("EASE", "SLCA")]
 #: the prompt methods as test parameters: CODA-Prompt in the default suite, L2P and DualPrompt (the same base and
 #: checks, one ViT pass more each) with the slow ones
 PROMPTS = [pytest.param(m, marks=pytest.mark.slow) if m != "CODAPrompt" else m for m in PROMPT_METHODS]
@@ -206,7 +209,9 @@ def test_ranpac_classifier_is_the_ridge_solution_of_all_tasks_at_once(runs):
     assert 1e-8 <= float(head.ridge) <= 1e8
 
 
-@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC", "EASE", "SLCA"])
+@pytest.mark.parametrize(
+    "method", ["SimpleCIL", "APER", "RanPAC", pytest.param("EASE", marks=SLOW), pytest.param("SLCA", marks=SLOW)]
+)
 def test_pretrained_model_methods_beat_finetune_of_the_same_backbone(runs, method):
     finetune = _average(runs("Finetune"))
     assert _average(runs(method)) > finetune + 5, (method, _average(runs(method)), finetune)
@@ -379,7 +384,9 @@ def test_pretrained_model_methods_refuse_training_in_later_tasks():
     assert copy.deepcopy(SimpleCIL(backbone=BACKBONE, pretrained=None)).schedule.epochs == 0
 
 
-@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC", "EASE", "SLCA", *PROMPTS])
+@pytest.mark.parametrize(
+    "method", ["SimpleCIL", "APER", "RanPAC", *(pytest.param(m, marks=SLOW) for m in ("EASE", "SLCA")), *PROMPTS]
+)
 def test_a_checkpoint_rebuilds_the_method_exactly(runs, unseen_root, tmp_path, method):
     run = runs(method)
     fresh = _make(method)
@@ -485,6 +492,7 @@ def test_the_frozen_feature_cache_passes_each_test_image_once_and_changes_no_num
     assert tuple(counted) == passes
 
 
+@pytest.mark.slow
 def test_ease_trains_each_adapter_set_in_its_own_task_only(runs):
     """Adapter set j changes in task j and never after; every class keeps its real prototypes in the subspaces up to
     its own task, and gets synthesised ones in the later subspaces."""
@@ -506,6 +514,7 @@ def test_ease_trains_each_adapter_set_in_its_own_task_only(runs):
     assert head.prototypes[1, :3].abs().sum() > 0  # synthesised in the later subspace
 
 
+@pytest.mark.slow
 def test_slca_learns_slowly_and_aligns_every_head_on_class_gaussians(runs):
     """The backbone trains at 1/100 of the head's lr; at each task end from the second on, the classifier alignment
     moves the earlier tasks' heads (frozen during the fits), and every class has its Gaussian."""
