@@ -166,7 +166,9 @@ def main() -> None:
             f"{row['method']:<11} {train:>12} {row['inference_images_per_second']:>16} {features:>15} "
             f"{row['peak_memory_mib']:>9} {row['stream_seconds']:>6}"
         )
-    settings = {k: v for k, v in vars(args).items() if k not in ("method", "tree")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("method", "tree", "root", "out")}
+    if Path(args.weights).is_absolute() and Path(args.weights).is_relative_to(REPO):
+        settings["weights"] = str(Path(args.weights).relative_to(REPO))  # the record names repository files only
     write_result(args.out, {"settings": settings, "machine": machine(), "methods": rows})
 
 
