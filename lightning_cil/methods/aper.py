@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_cil.methods.prototypes import VIT_IN21K, Adaptation, PrototypeModule
+from lightning_cil.methods.prototypes import VIT_IN21K, Adaptation, PrototypeModule, first_task_adaptation
 from lightning_cil.methods.schedule import TaskSchedule
 from lightning_cil.networks.backbones import BackboneSpec
 
@@ -50,7 +50,7 @@ class APER(PrototypeModule):
             raise ValueError(
                 "APER adapts the first task: adaptation=None is SimpleCIL (lightning_cil.methods.SimpleCIL)."
             )
-        first_task = first_task or TaskSchedule(epochs=20, lr=0.01, momentum=0.9, weight_decay=5e-4, scheduler="cosine")
+        first_task = first_task or first_task_adaptation()
         super().__init__(backbone, in_channels, schedule, first_task, pretrained, adaptation, bottleneck, prompt_tokens)
 
     def feature_dim(self) -> int:

@@ -25,10 +25,17 @@ from lightning_cil.networks.backbones import BackboneSpec
 from lightning_cil.networks.heads import CosineLinear, CosinePrototypes
 from lightning_cil.networks.vit_tuning import PET_KINDS, add_pet, pet_disabled
 
-__all__ = ["Adaptation", "PrototypeModule", "VIT_IN21K"]
+__all__ = ["Adaptation", "PrototypeModule", "VIT_IN21K", "first_task_adaptation"]
 
 #: the weights of SimpleCIL's, APER's and EASE's CIFAR numbers (timm 0.6.12's vit_base_patch16_224_in21k)
 VIT_IN21K = "vit_base_patch16_224.augreg_in21k"
+
+
+def first_task_adaptation() -> TaskSchedule:
+    """The first-task adaptation recipe APER and RanPAC share (their CIFAR adapter configs): 20 epochs, SGD lr
+    0.01, momentum 0.9, wd 5e-4, cosine schedule."""
+    return TaskSchedule(epochs=20, lr=0.01, momentum=0.9, weight_decay=5e-4, scheduler="cosine")
+
 
 #: what the first task adapts: a PET module of ``vit_tuning``, the whole backbone (``finetune``), or nothing
 Adaptation = Literal["adapter", "ssf", "vpt_shallow", "vpt_deep", "finetune"] | None

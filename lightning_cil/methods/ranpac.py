@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_cil.data.scenario import TaskInfo
-from lightning_cil.methods.prototypes import VIT_IN21K, Adaptation, PrototypeModule
+from lightning_cil.methods.prototypes import VIT_IN21K, Adaptation, PrototypeModule, first_task_adaptation
 from lightning_cil.methods.schedule import TaskSchedule
 from lightning_cil.networks.backbones import BackboneSpec
 
@@ -148,7 +148,7 @@ class RanPAC(PrototypeModule):
         projection_seed: int = 0,
     ) -> None:
         if adaptation is not None and first_task is None:
-            first_task = TaskSchedule(epochs=20, lr=0.01, momentum=0.9, weight_decay=5e-4, scheduler="cosine")
+            first_task = first_task_adaptation()
         super().__init__(backbone, in_channels, schedule, first_task, pretrained, adaptation, bottleneck, prompt_tokens)
         if projection_dim < 1:
             raise ValueError(f"projection_dim={projection_dim} must be positive (RanPAC: 10000).")
