@@ -84,9 +84,16 @@ def _sizes(dry_run: bool) -> dict[str, Any]:
             "precision": "32-true",
             "accuracy_epochs": 1,
             "accuracy_overrides": [
-                "--trainer.accelerator", "cpu", "--model.init_args.backbone", "resnet20",
-                "--data.max_train_per_class", "10", "--data.max_test_per_class", "5",
-                "--model.init_args.memory_budget", "20",
+                "--trainer.accelerator",
+                "cpu",
+                "--model.init_args.backbone",
+                "resnet20",
+                "--data.max_train_per_class",
+                "10",
+                "--data.max_test_per_class",
+                "5",
+                "--model.init_args.memory_budget",
+                "20",
             ],  # fmt: skip
             "accuracy_workers": 0,
         }

@@ -44,10 +44,17 @@ def _cuda(torch) -> dict[str, Any]:
         return {"gpu_count": 0, "cuda": torch.version.cuda, "driver": None}
     props = torch.cuda.get_device_properties(0)
     try:  # the driver version is not in torch's API; nvidia-smi ships with the driver
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30,
-        ).stdout.split("\n")[0].strip() or None
+        driver = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            .stdout.split("\n")[0]
+            .strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         driver = None
     return {

@@ -23,6 +23,8 @@ NOTICES = (
 WARNINGS = (
     # Lightning's own use of a torch API that torch deprecated; nothing a user can change
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # torchdata's StatefulDataLoader (the training loader) calls a torch API that torch deprecated, at every epoch
+    (r"'set_vital' is deprecated, please do not call", UserWarning),
     # the stream's validation loader is deliberately empty during a fit (unless data.val_during_fit): every task
     # is evaluated with `trainer.test` after its fit instead
     # a training-free task (epochs: 0) runs a fit of no epochs, which has nothing to optimise

@@ -48,7 +48,7 @@ from lightning_cil.data.task_data import TaskData, TrainingPlan
 from lightning_cil.methods.base import CHECKPOINT_KEY, IncrementalModule, TaskSchedule
 from lightning_cil.methods.protocol import check_protocol, protocol_record
 from lightning_cil.metrics import METRICS_FILE, AccuracyMatrix
-from lightning_cil.seeding import TASK_START, TRAIN_EPOCH, reseed
+from lightning_cil.seeding import TASK_START, TRAIN_BATCH, TRAIN_EPOCH, reseed
 
 __all__ = [
     "LAST",
@@ -183,6 +183,11 @@ class TaskStream(Callback):
             bar.train_progress_bar.set_description(
                 f"Task {task + 1}/{len(self.epoch_budget)} · Epoch {trainer.current_epoch}"
             )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # The step's own randomness (dropout, sampled noise) is a function of its position, so a fit resumed from a
+        # checkpoint written in the middle of an epoch takes the same steps as an uninterrupted one.
+        reseed(TRAIN_BATCH, trainer.current_epoch, batch_idx)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Tell the data module what this fit trains on, as the method asks (once per fit). Lightning calls this

@@ -173,6 +173,17 @@ class CrashAtEpoch(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+class CrashAtStep(L.Callback):
+    """Simulates a job killed in the middle of an epoch: before the training step of (global) step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
 #: The Split CIFAR-10 configs shrunk for a CPU: 200 train / 100 test images per class, ResNet-20, 6 epochs per task.
 SPLIT_CIFAR10_OVERRIDES = (
     "--seed_everything",

@@ -6,7 +6,16 @@ import numpy as np
 import torch
 
 from lightning_cil.data.samplers import SeededShuffleSampler
-from lightning_cil.seeding import TASK_START, TRAIN_EPOCH, augmentation_seed, batch_augmentation_seed, reseed, run_seed
+from lightning_cil.seeding import (
+    TASK_START,
+    TRAIN_BATCH,
+    TRAIN_EPOCH,
+    augmentation_seed,
+    batch_augmentation_seed,
+    reseed,
+    run_seed,
+    stream_seed,
+)
 
 
 def test_run_seed_is_what_seed_everything_set(monkeypatch):
@@ -24,11 +33,14 @@ def test_reseed_sets_every_global_rng_from_the_stream_position(monkeypatch):
     reseed(TRAIN_EPOCH, 0)
     reseed(TASK_START, 3)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == drawn
+    reseed(TRAIN_BATCH, 2, 3)  # before the step of batch 3 of epoch 2
+    assert torch.initial_seed() == 757_341_547 == stream_seed(5, TRAIN_BATCH, 2, 3)
 
 
 def test_sample_and_rank_seeds_depend_only_on_seed_epoch_and_index(monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "5")
-    assert batch_augmentation_seed(epoch=2, rank=1) == 13_272_223_930_407_935 == augmentation_seed(5, 2, -2)
+    assert batch_augmentation_seed(epoch=2, batch=3, rank=1) == 9_057_412_531_593_792_148
+    assert batch_augmentation_seed(2, 3, 1) == augmentation_seed(stream_seed(5, 3), 2, -2)
     sampler = SeededShuffleSampler(range(6), num_replicas=1, rank=0, shuffle=True, seed=5)
     sampler.set_epoch(2)
     assert all(seed == augmentation_seed(5, 2, index) for index, seed in sampler)

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import CrashAtEpoch, make_trainer
+from conftest import CrashAtEpoch, CrashAtStep, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -37,10 +37,10 @@ def _pruned_der() -> DER:
     return DER(backbone="resnet20", in_channels=1, schedule=schedule, memory_budget=40, prune=True, balance_epochs=2)
 
 
-def _run(root: Path, seed: int = 5, crash_at: int | None = None, ckpt_path=None, method=_model, **data):
+def _run(root: Path, seed: int = 5, crash_at: int | None = None, ckpt_path=None, method=_model, callbacks=(), **data):
     L.seed_everything(seed)
     model, dm = method(), _digits_stream(**data)
-    callbacks = [CrashAtEpoch(crash_at)] if crash_at is not None else []
+    callbacks = [*callbacks, *([CrashAtEpoch(crash_at)] if crash_at is not None else [])]
     trainer = make_trainer(root, callbacks=callbacks)
     run_stream(trainer, model, dm, ckpt_path=ckpt_path)
     return model
@@ -95,6 +95,32 @@ def test_resume_with_loader_workers_draws_the_epoch_it_stopped_at(tmp_path, pers
     resumed = _run(tmp_path / "resumed", ckpt_path=last, **data)
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), f"{name} differs after resuming with loader workers"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [dict(num_workers=0), dict(num_workers=2), dict(num_workers=0, gpu_augmentation=True)],
+    ids=["in-process", "workers", "device-augmentation"],
+)
+def test_a_checkpoint_written_mid_epoch_resumes_at_the_next_batch(tmp_path, data):
+    """Step-interval checkpoints (ModelCheckpoint's every_n_train_steps) of a long epoch: the training loader is
+    stateful, so a fit resumed from one continues with the batch after it, not with the epoch's first batches;
+    the device augmentation and the step's own randomness are seeded per batch, so they draw what they did."""
+    reference = _run(tmp_path / "reference", **data)
+    every_steps = ModelCheckpoint(every_n_train_steps=5, save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "killed", callbacks=[every_steps, CrashAtStep(17)], **data)
+    last = tmp_path / "killed" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    loop = checkpoint["loops"]["fit_loop"]
+    done = loop["epoch_loop.batch_progress"]["current"]["completed"]
+    assert checkpoint["global_step"] == 15 and done > 0, "the test needs a checkpoint from inside an epoch"
+    assert loop["state_dict"]["combined_loader"], "the training loader's position is in the checkpoint"
+    resumed = _run(tmp_path / "resumed", ckpt_path=last, **data)
+    expected = _metrics(tmp_path / "reference")["scorers"]["cnn"]["accuracy_matrix"]
+    assert _metrics(tmp_path / "resumed")["scorers"]["cnn"]["accuracy_matrix"] == expected
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resuming in the middle of an epoch"
 
 
 def test_checkpoint_from_another_stream_is_refused(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
 from lightning_cil.data.batch_augmentation import BatchAugmentation, build_batch_augmentation
@@ -208,7 +209,6 @@ class TaskStreamDataModule(L.LightningDataModule):
                     f"of one size) or gpu_augmentation: false."
                 )
             self.batch_augmentation = build_batch_augmentation(preset)
-        self._augmentation_generator: tuple[tuple[str, int], torch.Generator] | None = None
         self.current_task = -1
         self._splits: DatasetSplits | None = None
         self._layout: StreamLayout | None = None
@@ -414,12 +414,12 @@ class TaskStreamDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.prepare_stream()
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler, loader: type[DataLoader] = DataLoader) -> DataLoader:
         workers = self.hparams.num_workers
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         pin = on_gpu if self.hparams.pin_memory is None else self.hparams.pin_memory
         persistent = on_gpu if self.hparams.persistent_workers is None else self.hparams.persistent_workers
-        return DataLoader(
+        return loader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -447,7 +447,10 @@ class TaskStreamDataModule(L.LightningDataModule):
             # loader workers prefetch at once, so a resumed run would redo epoch 0's order and augmentations.
             # Setting the epoch Lightning is about to set makes the first resumed epoch match.
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
-        return self._loader(dataset, self.hparams.batch_size, sampler)
+        # Stateful: Lightning saves how far the epoch got in every checkpoint, and a fit resumed from one written
+        # in the middle of an epoch (ModelCheckpoint's every_n_train_steps) continues at the next batch instead of
+        # starting the epoch's data over while counting on from the saved step.
+        return self._loader(dataset, self.hparams.batch_size, sampler, StatefulDataLoader)
 
     def _eval_loader(self) -> DataLoader:
         dataset = self.test_dataset()
@@ -473,15 +476,14 @@ class TaskStreamDataModule(L.LightningDataModule):
         return self.batch_augmentation(images, self._generator(images.device)), *rest
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        """The batch augmentation's generator, seeded by (seed, epoch, rank) at the first batch of each epoch, so
-        a run resumed at an epoch boundary draws what an uninterrupted one did."""
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        key = (str(device), epoch)
-        if self._augmentation_generator is None or self._augmentation_generator[0] != key:
-            _, rank = self._world()
-            seed = batch_augmentation_seed(epoch, rank)
-            self._augmentation_generator = (key, torch.Generator(device=device).manual_seed(seed))
-        return self._augmentation_generator[1]
+        """The batch augmentation's generator, seeded by (seed, epoch, batch, rank) for each training batch, so a
+        run resumed at any batch draws what an uninterrupted one did."""
+        epoch, batch = 0, 0
+        if self.trainer is not None:
+            epoch = self.trainer.current_epoch
+            batch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # this batch's index, 0-based
+        _, rank = self._world()
+        return torch.Generator(device=device).manual_seed(batch_augmentation_seed(epoch, batch, rank))
 
     def state_dict(self) -> dict[str, Any]:
         return {"current_task": self.current_task}
