@@ -220,3 +220,30 @@ def test_imagenet_missing_subset_class_is_named(tmp_path):
     _tree(tmp_path, {f"{split}/{w}": ["a.png"] for w in wnids for split in ("train", "val")})
     with pytest.raises(DatasetError, match=r"class folders \['n0\d+'\] are missing from train/ or val/"):
         TaskStreamDataModule(dataset="imagenet100", root=str(tmp_path), protocol="B0_Inc10").prepare_stream()
+
+
+def test_image_files_decode_to_the_same_pixels_whoever_decodes_them(tmp_path, cifar10_small_root):
+    """JPEG, PNG and WebP go through torchvision's decoder, other formats and files it refuses through PIL: every
+    route gives the pixels PIL gives (here on real CIFAR-10 JPEGs, re-encoded at ImageNet's size too)."""
+    import numpy as np
+    from PIL import Image
+
+    from lightning_cil.data.datasets import read_image
+
+    def pil(path: Path) -> torch.Tensor:
+        with Image.open(path) as image:
+            return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+    jpegs = sorted((cifar10_small_root / "test").rglob("*.jpg"))[:40]
+    assert jpegs and all(torch.equal(read_image(str(p)), pil(p)) for p in jpegs)
+    with Image.open(jpegs[0]) as image:
+        rgb = image.convert("RGB").resize((500, 375), Image.BICUBIC)
+    files = {"large.jpg": {"quality": 90}, "photo.png": {}, "photo.webp": {"lossless": True}, "photo.bmp": {}}
+    for name, options in files.items():
+        rgb.save(tmp_path / name, **options)
+    rgb.convert("L").save(tmp_path / "grey.jpg")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")  # torchvision may refuse it; PIL converts it
+    rgb.save(tmp_path / "really_a_png.jpg", format="PNG")
+    for path in sorted(tmp_path.iterdir()):
+        decoded = read_image(str(path))
+        assert decoded.shape[0] == 3 and torch.equal(decoded, pil(path)), path.name
