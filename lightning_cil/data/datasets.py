@@ -194,8 +194,8 @@ def read_image(path: str) -> Tensor:
     """Decode one file as RGB ``uint8 [3, H, W]``, naming the file if it cannot be read.
 
     JPEG, PNG and WebP files are decoded by torchvision into the tensor directly, without a PIL image and its copy
-    in between: the same libjpeg-turbo, the same pixels (``torch.equal`` on every CIFAR-10 and PACS file and on
-    ImageNet-sized JPEGs). On a 500x375 JPEG it decodes 2.1x as fast as PIL, and with the ImageNet training
+    in between: the same libjpeg-turbo, the same pixels (``torch.equal`` on 2,000 CIFAR-10 JPEGs and on 400
+    ImageNet-sized ones). On a 500x375 JPEG it decodes 2.1x as fast as PIL, and with the ImageNet training
     transform a core loads 1.37x as many images (benchmarks/loader.py). Other formats, and files torchvision's
     decoders refuse, are read by PIL.
     """
