@@ -7,8 +7,8 @@ ImageNet's training images average about 500x375 px. The script makes ``--count`
 from the shared images (upscaled, so their content is smoother than a photograph's and decodes a little faster),
 in 4 class folders, and then measures, on one thread of one process:
 
-- decode: file to ``uint8 [3, H, W]``, with PIL (``Image.open`` + ``convert("RGB")`` + a tensor copy, the
-  project's earlier path) and with ``lightning_cil.data.datasets.read_image`` (torchvision's decoder); both must
+- decode: file to ``uint8 [3, H, W]``, with PIL (``read_image_with_pil``: ``Image.open`` + ``convert("RGB")`` + a
+  tensor copy, the project's earlier path) and with ``read_image`` (torchvision's decoder); both must
   give identical pixels, which the script checks on every file;
 - decode + the ``imagenet`` preset's training transform (RandomResizedCrop 224, flip, float, normalise);
 - the stream's training loader (``TaskStreamDataModule``, imagefolder, its first task, 0 workers): sampler,
@@ -24,13 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from harness import machine, write_result  # benchmarks/harness.py
 from PIL import Image
 
 from lightning_cil.data import TaskStreamDataModule
-from lightning_cil.data.datasets import read_image
+from lightning_cil.data.datasets import read_image, read_image_with_pil
 from lightning_cil.data.transforms import build_transforms
 
 SIZE = (500, 375)
@@ -56,8 +55,7 @@ def make_jpegs(source: Path, count: int, dest: Path) -> list[Path]:
 
 
 def pil_decode(path: Path) -> torch.Tensor:
-    with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    return read_image_with_pil(str(path))
 
 
 def best_rate(work, items, repeats: int) -> float:

@@ -204,6 +204,11 @@ def read_image(path: str) -> Tensor:
             return decode_image(read_file(path), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # PIL reads more variants, and names the file when it cannot
+    return read_image_with_pil(path)
+
+
+def read_image_with_pil(path: str) -> Tensor:
+    """:func:`read_image` through PIL alone: any format PIL knows, converted to RGB."""
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
