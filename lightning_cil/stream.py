@@ -245,6 +245,21 @@ class TaskStream(Callback):
         self.phase = int(state_dict.get("phase", 0))
         self.resumes = list(state_dict.get("resumes", []))
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A SIGTERM in a fit's training loop stops it after the current step; the stream then writes ``last.ckpt``
+        at that step (as Lightning's ``OnExceptionCheckpoint`` would, but for SIGTERM only and where resumes look), so
+        that the resumed fit continues at the next batch instead of at the newest epoch-end or step-interval
+        checkpoint. Every rank calls this at the same step: Lightning shares rank 0's SIGTERM before each batch."""
+        if not isinstance(exception, SIGTERMException) or not trainer.training or trainer.checkpoint_callback is None:
+            return
+        path = _checkpoint_folder(trainer) / "last.ckpt"
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        except StreamDiverged:  # non-finite weights are never saved: the previous last.ckpt stays
+            _print_error(f"lightning-cil: the weights at the stop are not finite; {path} was not rewritten")
+            return
+        _print(f"SIGTERM: saved {path} at global step {trainer.global_step}")
+
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """A task-end checkpoint gets optimizer states that fit the model as it is now.
 
@@ -493,12 +508,16 @@ class TaskStream(Callback):
         os.replace(temporary, run_dir / METRICS_FILE)
 
     def _save_task_checkpoint(self, trainer: Trainer, task: int) -> None:
-        callback = trainer.checkpoint_callback
-        if callback is None:
+        if trainer.checkpoint_callback is None:
             return
-        folder = Path(getattr(callback, "dirpath", None) or _run_dir(trainer) / "checkpoints")
+        folder = _checkpoint_folder(trainer)
         trainer.save_checkpoint(folder / f"task{task:02d}.ckpt", weights_only=False)
         trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)
+
+
+def _checkpoint_folder(trainer: Trainer) -> Path:
+    """Where the stream writes its own checkpoints (task ends, a SIGTERM's stop): beside ModelCheckpoint's."""
+    return Path(getattr(trainer.checkpoint_callback, "dirpath", None) or _run_dir(trainer) / "checkpoints")
 
 
 def _run_dir(trainer: Trainer) -> Path:

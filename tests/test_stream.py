@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_cil import DER, Finetune, ICaRL, Joint, TaskSchedule, TaskStreamDataModule, run_stream
-from lightning_cil.stream import last_checkpoint
+from lightning_cil.stream import StreamInterrupted, last_checkpoint
 
 
 def _digits_stream(**kw) -> TaskStreamDataModule:
@@ -121,6 +122,35 @@ def test_a_checkpoint_written_mid_epoch_resumes_at_the_next_batch(tmp_path, data
     assert _metrics(tmp_path / "resumed")["scorers"]["cnn"]["accuracy_matrix"] == expected
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), f"{name} differs after resuming in the middle of an epoch"
+
+
+class _SigtermAtStep(L.Callback):
+    """A preemption in the middle of an epoch: SIGTERM to this process before the training step of ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_mid_epoch_leaves_a_checkpoint_at_its_step_that_resumes_identically(tmp_path):
+    """Without step-interval checkpoints, a stream stopped by SIGTERM used to resume from the last epoch end and
+    train that epoch's first steps again; now it saves last.ckpt at the step where Lightning stops the fit."""
+    reference = _run(tmp_path / "reference")
+    with pytest.raises(StreamInterrupted) as stop:
+        _run(tmp_path / "stopped", callbacks=[_SigtermAtStep(13)])
+    assert stop.value.code == 128 + signal.SIGTERM
+    last = tmp_path / "stopped" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    done = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
+    assert checkpoint["global_step"] == 14 and done == 5, "the running step finishes (9 steps an epoch), then the fit stops"
+    resumed = _run(tmp_path / "resumed", ckpt_path=last)
+    expected = _metrics(tmp_path / "reference")["scorers"]["cnn"]["accuracy_matrix"]
+    assert _metrics(tmp_path / "resumed")["scorers"]["cnn"]["accuracy_matrix"] == expected
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resuming from the SIGTERM's checkpoint"
 
 
 def test_checkpoint_from_another_stream_is_refused(tmp_path):
