@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -25,6 +27,7 @@ from lightning_cil.data.datasets import (
     load_dataset,
     splits_of_datasets,
 )
+from lightning_cil.data.device_decoding import EncodedBatch, collate_encoded, decode_batch
 from lightning_cil.data.samplers import SeededShuffleSampler, ShardedEvalSampler
 from lightning_cil.data.scenario import (
     DEFAULT_CLASS_ORDER_SEED,
@@ -44,7 +47,8 @@ __all__ = ["TaskDataset", "TaskStreamDataModule"]
 class TaskDataset(Dataset):
     """Samples of a split as ``(image, label, task)``: labels are stream labels (class-order positions). With
     ``with_index`` (the evaluation loaders) each sample also carries its split index, by which a method may cache
-    what a frozen network computes on it (``methods/feature_cache.py``)."""
+    what a frozen network computes on it (``methods/feature_cache.py``). With ``encoded`` (``decode_on_device``) a
+    sample is ``(file bytes, label, task, augmentation seed, split index)``, decoded and transformed later."""
 
     def __init__(
         self, split: ImageSplit, indices: Tensor, labels: Tensor, tasks: Tensor, transform, with_index: bool = False
@@ -55,15 +59,20 @@ class TaskDataset(Dataset):
         self.tasks = tasks
         self.transform = transform
         self.with_index = with_index
+        self.encoded = False
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int] | tuple[Tensor, int, int, int]:
+        seed = None
         if isinstance(key, tuple):  # (position, augmentation seed) from SeededShuffleSampler
             key, seed = key
             seed_sample(seed)
         j = int(self.indices[key])
+        if self.encoded:
+            seed = int(torch.randint(2**62, ())) if seed is None else seed
+            return self.split.encoded(j), int(self.labels[j]), int(self.tasks[j]), seed, j
         sample = self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
         return (*sample, j) if self.with_index else sample
 
@@ -112,6 +121,11 @@ class TaskStreamDataModule(L.LightningDataModule):
             with an independent draw per sample. Needs in-memory images and a preset of
             ``batch_augmentation.BATCH_PRESETS`` (the CIFAR and digits presets, ``none``). Draws come from one
             generator per (seed, epoch, rank), so a run with it is reproducible but not identical to one without.
+        decode_on_device: for image files (ImageNet, ``imagefolder``, ``domains``) whose decoding limits the loader:
+            the training loader only reads each file's bytes; the batch is decoded on the training device
+            (torchvision's batched ``decode_jpeg``, nvJPEG on a GPU) and transformed there, each image with its own
+            seed as on the CPU path, before the transfer (``on_before_batch_transfer``). On the CPU the batches are
+            identical to the default path's (and decoding leaves the workers for the main process: slower).
         max_train_per_class: keep at most this many training images per class (seeded); for quick runs.
         max_test_per_class: the same for test images.
         subset_seed: seed of those subsets.
@@ -151,6 +165,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         download: bool = False,
         val_during_fit: bool = False,
         gpu_augmentation: bool = False,
+        decode_on_device: bool = False,
     ) -> None:
         super().__init__()
         # dataset objects and transforms are described by name in the hyperparameters, not pickled into checkpoints
@@ -209,6 +224,16 @@ class TaskStreamDataModule(L.LightningDataModule):
                     f"of one size) or gpu_augmentation: false."
                 )
             self.batch_augmentation = build_batch_augmentation(preset)
+        if decode_on_device:
+            held = "is held in memory" if (self.in_memory_default if in_memory is None else in_memory) else None
+            held = "is a dataset object" if objects else held
+            held = "runs gpu_augmentation (which needs it in memory)" if gpu_augmentation else held
+            if held:
+                raise ValueError(
+                    f"data.decode_on_device decodes the training images' files on the device, but dataset="
+                    f"{self.hparams.dataset!r} {held}; use it for image files (imagenet100, imagenet1000, imagefolder,"
+                    f" domains) with in_memory: false, or set decode_on_device: false."
+                )
         self.current_task = -1
         self._splits: DatasetSplits | None = None
         self._layout: StreamLayout | None = None
@@ -413,8 +438,17 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.prepare_stream()
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        if self.hparams.decode_on_device and stage == "fit" and not on_gpu:
+            rank_zero_warn(
+                "data.decode_on_device without a GPU decodes in the main process instead of the loader workers "
+                "(slower); it is meant for CUDA accelerators.",
+                category=PossibleUserWarning,
+            )
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler, loader: type[DataLoader] = DataLoader) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, sampler, loader: type[DataLoader] = DataLoader, collate_fn=None
+    ) -> DataLoader:
         workers = self.hparams.num_workers
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         pin = on_gpu if self.hparams.pin_memory is None else self.hparams.pin_memory
@@ -426,6 +460,7 @@ class TaskStreamDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=persistent and workers > 0,
+            collate_fn=collate_fn,
         )
 
     def _world(self) -> tuple[int, int]:
@@ -438,6 +473,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         dataset = self.train_dataset(plan.extra, all_seen=plan.all_seen, exclude=plan.exclude)
         if self.batch_augmentation is not None:
             dataset.transform = _keep_uint8  # augmented on the device, in on_after_batch_transfer
+        dataset.encoded = self.hparams.decode_on_device  # decoded on the device, in on_before_batch_transfer
         world, rank = self._world()
         # A seeded distributed sampler even on one process: order and augmentations of epoch e are a
         # function of (seed, e), so a resumed run draws the same batches as an uninterrupted one.
@@ -450,7 +486,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         # Stateful: Lightning saves how far the epoch got in every checkpoint, and a fit resumed from one written
         # in the middle of an epoch (ModelCheckpoint's every_n_train_steps) continues at the next batch instead of
         # starting the epoch's data over while counting on from the saved step.
-        return self._loader(dataset, self.hparams.batch_size, sampler, StatefulDataLoader)
+        collate = collate_encoded if dataset.encoded else None
+        return self._loader(dataset, self.hparams.batch_size, sampler, StatefulDataLoader, collate)
 
     def _eval_loader(self) -> DataLoader:
         dataset = self.test_dataset()
@@ -467,6 +504,13 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``decode_on_device``: decode and transform a training batch of file bytes on the training device."""
+        if not isinstance(batch, EncodedBatch):
+            return batch
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return decode_batch(batch, self.train_transform, device, self.splits.train.image)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``gpu_augmentation``: augment and normalise a training batch (``uint8``) on its device."""

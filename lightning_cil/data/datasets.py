@@ -93,6 +93,12 @@ class ImageSplit:
         assert self.paths is not None
         return read_image(self.paths[index])
 
+    def encoded(self, index: int) -> Tensor:
+        """Image ``index``'s file as undecoded bytes (``uint8 [n]``), to be decoded on the training device."""
+        if self.paths is None:
+            raise DatasetError("only images read from files can be decoded on the device (data.decode_on_device).")
+        return read_file(self.paths[index])
+
     def subset(self, indices: Tensor) -> ImageSplit:
         indices = torch.as_tensor(indices, dtype=torch.long)
         return ImageSplit(
