@@ -1,4 +1,4 @@
-"""The GPU check: one prepared run that tests the GPU paths and measures them on one GPU in under 8 minutes.
+"""The GPU check: one prepared run that tests the GPU paths and measures them on one GPU in under 9 minutes.
 
     python benchmarks/gpu_check.py --prepare                 # once, where the shared data and a registry are:
                                                              #   .gpu_data/ (CIFAR-10 archive), .whl/ (CLI wheels)
@@ -19,7 +19,10 @@ of ``benchmarks/harness.py``; logs in ``<dir>/logs/``. The steps:
    ImageNet-shaped batches in bf16; each beside its compute ceiling (a fixed batch on the device, no loader).
    ``throughput_compile``: the same CIFAR rows with bf16 + ChannelsLast + CompileBackbone. Both reuse
    ``benchmarks/throughput.py`` and write a row as soon as it is measured, so a timeout keeps what was done.
-4. ``accuracy``: ``configs/icarl_cifar10.yaml`` (Split CIFAR-10, 5 x 2, natural order, ResNet-18, 200 exemplars)
+4. ``loader``: ``benchmarks/loader.py --device cuda`` on 400 ImageNet-shaped JPEGs made from the archive's images:
+   images/s per core of PIL, torchvision's CPU decoder and the stream's loader, against the loader with
+   ``data.decode_on_device`` (nvJPEG), batch 128.
+5. ``accuracy``: ``configs/icarl_cifar10.yaml`` (Split CIFAR-10, 5 x 2, natural order, ResNet-18, 200 exemplars)
    through the CLI, with fewer epochs per task than the protocol's (stated in the result), against the published
    49.02% (Mammoth, Seq-CIFAR-10, class-IL).
 
@@ -53,12 +56,13 @@ WHEELS = REPO / ".whl"
 ARCHIVE = "cifar10-jpg.tar.gz"
 #: where ``--prepare`` finds the archive by default: the shared data folder beside the repository
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10" / ARCHIVE
-#: the CLI's pure-Python dependencies that the GPU machine lacks (versions tested with lightning 2.6.6)
-CLI_WHEELS = ["jsonargparse==4.53.0", "docstring-parser==0.18.0", "typeshed-client==2.15.0"]
+#: the pure-Python dependencies that the GPU machine lacks (versions tested with lightning 2.6.6): the CLI's, and
+#: torchdata (the stateful training loader)
+CLI_WHEELS = ["jsonargparse==4.53.0", "docstring-parser==0.18.0", "typeshed-client==2.15.0", "torchdata==0.11.0"]
 
-#: per-step time budgets in seconds on the GPU; together they stay under the 8-minute total
-BUDGETS = {"data": 40, "gpu_tests": 125, "throughput": 80, "throughput_compile": 100, "accuracy": 120}
-TOTAL_BUDGET = 470
+#: per-step time budgets in seconds on the GPU; together they stay under the 9-minute total
+BUDGETS = {"data": 40, "gpu_tests": 125, "throughput": 80, "throughput_compile": 100, "loader": 45, "accuracy": 120}
+TOTAL_BUDGET = 510
 #: the published class-IL accuracy of iCaRL, buffer 200, on Seq-CIFAR-10 (Mammoth / DER++ paper, Table 2)
 PUBLISHED = {"last_accuracy": 49.02, "source": "Mammoth Seq-CIFAR-10, class-IL, iCaRL, buffer 200"}
 
@@ -96,6 +100,7 @@ def _sizes(dry_run: bool) -> dict[str, Any]:
                 "20",
             ],  # fmt: skip
             "accuracy_workers": 0,
+            "loader": {"count": 40, "repeats": 1, "batch_size": 8, "device": "cpu"},
         }
     return {
         "accelerator": "gpu",
@@ -112,6 +117,7 @@ def _sizes(dry_run: bool) -> dict[str, Any]:
         "accuracy_epochs": 5,
         "accuracy_overrides": [],
         "accuracy_workers": 6,
+        "loader": {"count": 400, "repeats": 2, "batch_size": 128, "device": "cuda"},
     }
 
 
@@ -331,6 +337,22 @@ def _read_rows(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"rows": [], "complete": False}
 
 
+def _loader(check: Check, archive: Path, scratch: Path, sizes: dict[str, Any]) -> None:
+    """benchmarks/loader.py on the archive's first training images, decoding on the GPU besides the CPU paths."""
+    source = scratch / "loader_source"
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [m for m in tar if m.isfile() and m.name.startswith("train/")][: sizes["loader"]["count"]]
+        tar.extractall(source, members=members, filter="data")
+    result_file = scratch / "loader_result.json"
+    loader = sizes["loader"]
+    command = _python(str(HERE / "loader.py"), "--source", str(source), "--count", str(loader["count"]), "--repeats",
+                      str(loader["repeats"]), "--batch-size", str(loader["batch_size"]), "--device",
+                      loader["device"], "--out", str(result_file))  # fmt: skip
+    outcome = check.run("loader", command)
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    check.record("loader", outcome, result)
+
+
 def _accuracy(check: Check, sizes: dict[str, Any], root: str, epochs: int) -> None:
     import yaml
     from harness import fit_command
@@ -437,6 +459,9 @@ def main_check(args: argparse.Namespace) -> int:
         outcome["rows_measured"] = f"{len(rows['rows'])} of {planned}"
         check.record(name, outcome, {"setting": {**rows.get("setting", {}), "root": "<scratch>"},
                                      "compile_disabled": bool(env), "rows": rows["rows"]})  # fmt: skip
+
+    if "loader" in steps and archive.is_file():
+        _loader(check, archive, scratch, sizes)
 
     if "accuracy" in steps:
         _accuracy(check, sizes, root, args.accuracy_epochs or sizes["accuracy_epochs"])

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 site="$(mktemp -d)"
 trap 'rm -rf "$site"' EXIT
-if ! "$PY" -c "import jsonargparse, docstring_parser, typeshed_client" 2>/dev/null; then
+if ! "$PY" -c "import jsonargparse, docstring_parser, typeshed_client, torchdata" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
     echo "jsonargparse is not installed and .whl/ holds no wheels: run 'python benchmarks/gpu_check.py --prepare' first" >&2
     exit 2

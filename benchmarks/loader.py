@@ -12,7 +12,9 @@ in 4 class folders, and then measures, on one thread of one process:
   give identical pixels, which the script checks on every file;
 - decode + the ``imagenet`` preset's training transform (RandomResizedCrop 224, flip, float, normalise);
 - the stream's training loader (``TaskStreamDataModule``, imagefolder, its first task, 0 workers): sampler,
-  decode, transform, collate, per image.
+  decode, transform, collate, per image;
+- with ``--device``: the same loader with ``data.decode_on_device`` (it only reads the files' bytes), its batches
+  decoded and transformed on that device (``decode_batch``, nvJPEG on CUDA), per image including the reads.
 
 Each figure is the best of ``--repeats`` passes over every file. Writes benchmarks/results/loader.json.
 """
@@ -30,6 +32,7 @@ from PIL import Image
 
 from lightning_cil.data import TaskStreamDataModule
 from lightning_cil.data.datasets import read_image, read_image_with_pil
+from lightning_cil.data.device_decoding import decode_batch
 from lightning_cil.data.transforms import build_transforms
 
 SIZE = (500, 375)
@@ -68,11 +71,36 @@ def best_rate(work, items, repeats: int) -> float:
     return len(items) / best
 
 
+def loader_rate(folder: str, args: argparse.Namespace, device: torch.device | None) -> float:
+    """Images/s of the stream's training loader over its first task; with ``device``, decoding there."""
+    data = TaskStreamDataModule(
+        dataset="imagefolder", root=folder, initial_classes=2, increment=2, in_memory=False,
+        class_order_seed=None, batch_size=args.batch_size, num_workers=0, decode_on_device=device is not None,
+    )  # fmt: skip
+    data.prepare_stream()
+    data.set_task(0)
+    loader = data.train_dataloader()
+    best = float("inf")
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        seen = 0
+        for batch in loader:
+            if device is not None:
+                batch = decode_batch(batch, data.train_transform, device, data.splits.train.image)
+            seen += len(batch[0])
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return seen / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="a folder of images (e.g. CIFAR-10's train/)")
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", help="also decode the loader's batches on this device (cuda, cpu)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "loader.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -88,19 +116,9 @@ def main() -> None:
                 lambda f: train_transform(read_image(str(f))), files, args.repeats
             ),
         }
-        data = TaskStreamDataModule(
-            dataset="imagefolder", root=folder, initial_classes=2, increment=2, in_memory=False,
-            class_order_seed=None, batch_size=32, num_workers=0,
-        )  # fmt: skip
-        data.prepare_stream()
-        data.set_task(0)
-        loader = data.train_dataloader()
-        best = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            seen = sum(len(batch[0]) for batch in loader)
-            best = min(best, time.perf_counter() - start)
-        rates["stream_train_loader"] = seen / best
+        rates["stream_train_loader"] = loader_rate(folder, args, None)
+        if args.device:
+            rates[f"stream_train_loader_decode_on_{args.device}"] = loader_rate(folder, args, torch.device(args.device))
     rates = {name: round(rate, 1) for name, rate in rates.items()}
     speedup = {
         "decode": round(rates["decode_torchvision"] / rates["decode_pil"], 2),
@@ -118,6 +136,8 @@ def main() -> None:
             "images": len(files),
             "size": list(SIZE),
             "jpeg_quality": 90,
+            "batch_size": args.batch_size,
+            "device": args.device,
             "images_per_second_per_core": rates,
             "speedup_torchvision_over_pil": speedup,
             "pixel_mismatches": mismatches,
