@@ -302,7 +302,7 @@ def test_bf16_mixed_runs_the_vit_in_bf16_and_keeps_the_statistics_in_fp32(runs, 
 
 
 CONFIGS = {"SimpleCIL": "simplecil", "APER": "aper", "RanPAC": "ranpac", "L2P": "l2p", "DualPrompt": "dualprompt"}
-CONFIGS["CODAPrompt"] = "coda_prompt"
+CONFIGS.update(CODAPrompt="coda_prompt", EASE="ease", SLCA="slca")
 
 
 def _offline(method: str, root: Path, *extra: str) -> list[str]:
@@ -323,6 +323,11 @@ def _offline(method: str, root: Path, *extra: str) -> list[str]:
         options += ["--model.init_args.schedule.epochs", "1", "--model.init_args.schedule.lr", "0.01"]
     if method == "RanPAC":
         options += ["--model.init_args.projection_dim", "256"]
+    if method in ("EASE", "SLCA"):
+        options += ["--model.init_args.schedule.epochs", "1", "--model.init_args.schedule.milestones", "[]"]
+    if method == "SLCA":  # its config's own 224-px transforms give way to the offline stream's 32-px preset
+        options += ["--model.init_args.align_epochs", "1", "--model.init_args.align_samples", "64"]
+        options += ["--data.train_transforms", "null", "--data.test_transforms", "null"]
     return [*options, *extra]
 
 
@@ -356,7 +361,7 @@ def test_a_two_process_stream_builds_the_classifier_of_one_process(unseen_root, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["APER", "RanPAC", *PROMPT_METHODS])
+@pytest.mark.parametrize("method", ["APER", "RanPAC", *PROMPT_METHODS, "EASE", "SLCA"])
 def test_a_two_process_stream_reports_the_accuracy_one_process_measures(unseen_root, tmp_path, method):
     options = _offline(method, unseen_root)
     run = _fit(options, tmp_path / "ddp", 2)
