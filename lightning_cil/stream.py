@@ -108,8 +108,14 @@ def _first_non_finite(state: Mapping[str, Any]) -> str | None:
 
 
 class _StopSignal:
-    """Records a SIGTERM that arrives between fits (Lightning handles it only inside them, and chains to this
-    handler there), so that the stream stops at its next checkpoint instead of dying in the middle of one."""
+    """While a stream runs, SIGTERM only records that a stop was asked for; the stream stops at its next safe
+    point: after a training step, with a checkpoint there, or after the task checkpoint it is writing.
+
+    Lightning installs its own SIGTERM handler at every fit, validation and test, which stops each rank wherever
+    it happens to be and broadcasts from inside the handler; under DDP that can pair mismatched collectives and
+    kill a rank (Lightning issue #20806). The stream puts this handler back in those stages' start hooks, and the
+    ranks agree on stopping at the same points (:meth:`TaskStream._stop_requested`).
+    """
 
     def __init__(self, stream: TaskStream) -> None:
         self.stream = stream
@@ -119,12 +125,19 @@ class _StopSignal:
         self.stream._stop_signal = None
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._record)
+            self.stream._listening = self
         return self
+
+    def listen(self) -> None:
+        """Take SIGTERM back from Lightning's handler (called in the hooks that start a fit, validation or test)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._record)
 
     def _record(self, signum: int, _frame: Any) -> None:
         self.stream._stop_signal = signum
 
     def __exit__(self, *_: Any) -> None:
+        self.stream._listening = None
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
 
@@ -165,15 +178,47 @@ class TaskStream(Callback):
         self.resumes: list[dict[str, Any]] = []
         self._resume_record: dict[str, Any] | None = None
         self._stop_signal: int | None = None
+        self._listening: _StopSignal | None = None
 
     # ------------------------------------------------------------------ callback hooks and state
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A SIGTERM that came while this fit started, before Lightning installed its handler, reached only the
-        # stream's. Delivering it again hands it to Lightning, which stops the fit (on every rank under DDP) as it
-        # does for its own; the stream then stops at the newest checkpoint.
-        if self._stop_signal is not None:
-            signal.raise_signal(self._stop_signal)
+        self._listen_for_stop()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._listen_for_stop()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._listen_for_stop()
+
+    def _listen_for_stop(self) -> None:
+        if self._listening is not None:  # inside run(): see _StopSignal
+            self._listening.listen()
+
+    def _stop_requested(self, trainer: Trainer) -> bool:
+        """Whether SIGTERM reached this stream on any rank. Under DDP a collective: every rank calls it at the same
+        points (each training step's end, each fit's start, each task checkpoint), so all ranks stop together."""
+        requested = self._stop_signal is not None
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        return requested
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """A SIGTERM stops the fit after the optimizer step it arrived in, every rank at the same step, with
+        ``last.ckpt`` written there (as a step-interval checkpoint is): the resumed fit continues at the next
+        batch instead of training again from the newest epoch-end checkpoint."""
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or not self._stop_requested(trainer):
+            return
+        if trainer.checkpoint_callback is not None:
+            path = _checkpoint_folder(trainer) / "last.ckpt"
+            try:
+                trainer.save_checkpoint(path, weights_only=False)
+                _print(f"SIGTERM: saved {path} at global step {trainer.global_step}")
+            except StreamDiverged:  # non-finite weights are never saved: the previous last.ckpt stays
+                _print_error(f"lightning-cil: the weights at the stop are not finite; {path} was not rewritten")
+        raise SIGTERMException
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         reseed(TRAIN_EPOCH, trainer.current_epoch)
@@ -244,21 +289,6 @@ class TaskStream(Callback):
         self.epoch_budget = list(state_dict["epoch_budget"])
         self.phase = int(state_dict.get("phase", 0))
         self.resumes = list(state_dict.get("resumes", []))
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """A SIGTERM in a fit's training loop stops it after the current step; the stream then writes ``last.ckpt``
-        at that step (as Lightning's ``OnExceptionCheckpoint`` would, but for SIGTERM only and where resumes look), so
-        that the resumed fit continues at the next batch instead of at the newest epoch-end or step-interval
-        checkpoint. Every rank calls this at the same step: Lightning shares rank 0's SIGTERM before each batch."""
-        if not isinstance(exception, SIGTERMException) or not trainer.training or trainer.checkpoint_callback is None:
-            return
-        path = _checkpoint_folder(trainer) / "last.ckpt"
-        try:
-            trainer.save_checkpoint(path, weights_only=False)
-        except StreamDiverged:  # non-finite weights are never saved: the previous last.ckpt stays
-            _print_error(f"lightning-cil: the weights at the stop are not finite; {path} was not rewritten")
-            return
-        _print(f"SIGTERM: saved {path} at global step {trainer.global_step}")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """A task-end checkpoint gets optimizer states that fit the model as it is now.
@@ -344,8 +374,8 @@ class TaskStream(Callback):
                     trainer.fit_loop.max_epochs = int(ends[phase])
                     if not restoring_phase:
                         _refuse_implicit_checkpoints(trainer)
-                    if self._stop_signal is not None:
-                        self._stop(trainer, task, self._stop_signal)
+                    if self._stop_requested(trainer):
+                        self._stop(trainer, task, signal.SIGTERM)
                     restore = str(ckpt_path) if restoring_phase else None
                     try:
                         if phases == [0]:
@@ -376,8 +406,8 @@ class TaskStream(Callback):
                     self._stop(trainer, task, signal.SIGTERM)
                 self.completed_task = task
                 self._save_task_checkpoint(trainer, task)
-                if self._stop_signal is not None and task + 1 < num_tasks:
-                    self._stop(trainer, task + 1, self._stop_signal)
+                if task + 1 < num_tasks and self._stop_requested(trainer):
+                    self._stop(trainer, task + 1, signal.SIGTERM)
         primary = model.scorers[0]
         _print(self.matrices[primary].format_table(f"Accuracy matrix ({primary}, %):"))
         return self.summary()

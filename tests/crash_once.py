@@ -1,6 +1,8 @@
-"""Test helper (loaded by DDP workers via PYTHONPATH): one rank dies once, at the start of a given global epoch."""
+"""Test helpers (loaded by DDP workers via PYTHONPATH): one rank dies once, at the start of a given global epoch, or
+is sent SIGTERM once, before a given global step."""
 
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -24,3 +26,17 @@ class CrashOnce(L.Callback):
         if self.hard:
             os._exit(1)
         raise RuntimeError(f"simulated crash at the start of epoch {self.epoch}")
+
+
+class SigtermOnce(L.Callback):
+    """Send this process SIGTERM (a preemption) before the training step of (global) step ``step`` on global rank
+    ``rank``, unless ``marker`` exists. Under DDP, Lightning passes it on to the other ranks."""
+
+    def __init__(self, step: int, marker: str, rank: int = 0) -> None:
+        self.step, self.marker, self.rank = step, Path(marker), rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != self.rank or self.marker.exists():
+            return
+        self.marker.write_text(f"SIGTERM to rank {self.rank} before step {self.step}\n")
+        os.kill(os.getpid(), signal.SIGTERM)

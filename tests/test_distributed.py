@@ -207,6 +207,36 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_back(tmp_path, monk
 
 
 @pytest.mark.slow
+def test_a_sigterm_under_two_processes_saves_its_step_and_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """SIGTERM to rank 0 inside task 2 (Lightning passes it to rank 1): both ranks stop after the same step, the
+    stream writes last.ckpt there, in the middle of an epoch, and exits 143. The resumed 2-process run (each rank
+    continues its own shard of the stateful loader) ends with the uninterrupted run's matrix and weights."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    reference = tmp_path / "reference"
+    assert cli("fit", *shrunk(reference, *DDP)).returncode == 0
+    stopped = tmp_path / "stopped"
+    marker = ("--trainer.callbacks.marker", str(tmp_path / "sigterm.txt"))
+    sigterm = ("--trainer.callbacks+=crash_once.SigtermOnce", "--trainer.callbacks.step", "7", *marker)
+    out = cli("fit", *shrunk(stopped, *DDP, *sigterm))
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+    (checkpoints,) = stopped.glob("quickstart/version_*/checkpoints")
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    done = last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
+    assert last["global_step"] > 7 and 0 < done < 3, "stopped after a step inside an epoch (3 steps each)"
+    out = cli("fit", *shrunk(stopped, *DDP, "--ckpt_path", "last"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming at task 1" in out.stdout, out.stdout[-2000:]
+    expected = _metrics(reference)[1]["scorers"]["cnn"]["accuracy_matrix"]
+    run, metrics = _metrics(stopped, newest=True)
+    assert metrics["scorers"]["cnn"]["accuracy_matrix"] == expected
+    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    (reference_run,) = reference.glob("quickstart/version_*/checkpoints")
+    wanted = torch.load(reference_run / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for name, value in wanted.items():
+        assert torch.equal(value, final[name]), name
+
+
+@pytest.mark.slow
 def test_a_worker_killed_under_torchrun_is_restarted_and_resumes_from_the_last_checkpoint(tmp_path):
     """torchrun restarts the whole job with the same command line; `--ckpt_path last` finds the newest last.ckpt of
     the run (written into version_0 by the first launch; the restart logs into version_1) and goes on from there."""

@@ -144,10 +144,8 @@ def test_a_sigterm_mid_epoch_leaves_a_checkpoint_at_its_step_that_resumes_identi
     assert stop.value.code == 128 + signal.SIGTERM
     last = tmp_path / "stopped" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=False)
-    done = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
-    assert checkpoint["global_step"] == 14 and done == 5, (
-        "the running step finishes (9 steps an epoch), then the fit stops"
-    )
+    done = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+    assert checkpoint["global_step"] == 14 and done == 5, "the running step ends (9 an epoch), then the fit stops"
     resumed = _run(tmp_path / "resumed", ckpt_path=last)
     expected = _metrics(tmp_path / "reference")["scorers"]["cnn"]["accuracy_matrix"]
     assert _metrics(tmp_path / "resumed")["scorers"]["cnn"]["accuracy_matrix"] == expected
