@@ -38,7 +38,12 @@ from lightning_cil.data.scenario import (
     parse_protocol,
 )
 from lightning_cil.data.task_data import TrainingPlan
-from lightning_cil.data.transforms import DEFAULT_PRESET, build_transforms, transforms_for_data_config
+from lightning_cil.data.transforms import (
+    DEFAULT_PRESET,
+    build_transforms,
+    runs_batchwise,
+    transforms_for_data_config,
+)
 from lightning_cil.seeding import batch_augmentation_seed, run_seed, seed_sample
 
 __all__ = ["TaskDataset", "TaskStreamDataModule"]
@@ -75,6 +80,17 @@ class TaskDataset(Dataset):
             return self.split.encoded(j), int(self.labels[j]), int(self.tasks[j]), seed, j
         sample = self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
         return (*sample, j) if self.with_index else sample
+
+    def __getitems__(self, keys: list) -> list[tuple]:
+        """A loader's batch of keys at once. With the images in memory and an evaluation transform
+        (``runs_batchwise``), the transform runs once on the stacked batch, with the numbers it gives image by
+        image, instead of one Python call per image (evaluation, task-end features)."""
+        batchwise = self.split.in_memory and not self.encoded and runs_batchwise(self.transform)
+        if not batchwise or not keys or isinstance(keys[0], tuple):
+            return [self[key] for key in keys]
+        js = self.indices[torch.as_tensor(keys, dtype=torch.long)]
+        columns = [self.transform(self.split.images[js]), self.labels[js].tolist(), self.tasks[js].tolist()]
+        return list(zip(*columns, js.tolist())) if self.with_index else list(zip(*columns))
 
 
 class TaskStreamDataModule(L.LightningDataModule):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["TRANSFORM_PRESETS", "DEFAULT_PRESET", "build_transforms", "transforms_for_data_config"]
+__all__ = ["TRANSFORM_PRESETS", "DEFAULT_PRESET", "build_transforms", "runs_batchwise", "transforms_for_data_config"]
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -103,3 +103,15 @@ def transforms_for_data_config(config: dict, channels: int = 3) -> tuple[v2.Tran
         [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(size), *_finish(stats)]
     )
     return train, test
+
+
+#: transforms that treat each image alone and draw no random numbers
+_DETERMINISTIC_PER_IMAGE = (v2.ToDtype, v2.Normalize, v2.Resize, v2.CenterCrop, v2.ToPureTensor, v2.Identity)
+
+
+def runs_batchwise(transform: Callable) -> bool:
+    """Whether ``transform`` gives every image of a stacked batch ``[B, C, H, W]`` what it gives that image alone:
+    a pipeline of deterministic per-image steps (dtype, normalisation, resize, centre crop), as evaluation uses.
+    A random step would draw once for the whole batch."""
+    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+    return all(type(step) in _DETERMINISTIC_PER_IMAGE for step in steps)

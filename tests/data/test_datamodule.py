@@ -247,3 +247,30 @@ def test_image_files_decode_to_the_same_pixels_whoever_decodes_them(tmp_path, ci
     for path in sorted(tmp_path.iterdir()):
         decoded = read_image(str(path))
         assert decoded.shape[0] == 3 and torch.equal(decoded, pil(path)), path.name
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "imagenet", "small32"])
+def test_an_evaluation_batch_is_transformed_at_once_with_the_numbers_of_one_image_at_a_time(cifar10_small_root, preset):
+    """In-memory images under an evaluation pipeline (dtype, normalise; resize and centre crop for the others) are
+    transformed as one stacked batch: the same tensors as image by image, and so the same features and scores."""
+    from torch.utils.data import DataLoader
+
+    from lightning_cil.data.transforms import runs_batchwise
+
+    dm = TaskStreamDataModule(
+        dataset="imagefolder", root=str(cifar10_small_root), in_memory=True, augmentation=preset,
+        initial_classes=5, increment=5, num_workers=0,
+    )  # fmt: skip
+    dm.prepare_stream()
+    dm.set_task(0)
+    test = dm.test_dataset()
+    test.with_index = True
+    assert runs_batchwise(test.transform) and not runs_batchwise(dm.train_transform)
+    keys = list(range(0, len(test), 3))
+    batch = test.__getitems__(keys)
+    one_by_one = [test[k] for k in keys]
+    assert len(batch) == len(one_by_one) == len(keys)
+    for (image, label, task, index), (image1, label1, task1, index1) in zip(batch, one_by_one):
+        assert torch.equal(image, image1) and (label, task, index) == (label1, task1, index1)
+    loaded = next(iter(DataLoader(test, batch_size=16)))
+    assert torch.equal(loaded[0], torch.stack([test[k][0] for k in range(16)]))
