@@ -84,7 +84,9 @@ def test_resumed_stream_ends_like_an_uninterrupted_one(tmp_path, crash_at, where
         assert torch.equal(a, b), f"{name} differs after resuming at the {where}"
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent-workers"])
+@pytest.mark.parametrize(
+    "persistent", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["workers", "persistent-workers"]
+)
 def test_resume_with_loader_workers_draws_the_epoch_it_stopped_at(tmp_path, persistent):
     """Loader workers prefetch as soon as Lightning creates the iterator, before it sets the sampler's epoch; the
     first resumed epoch must still get its own order and augmentations, not epoch 0's."""
