@@ -454,8 +454,7 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.prepare_stream()
-        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        if self.hparams.decode_on_device and stage == "fit" and not on_gpu:
+        if self.hparams.decode_on_device and stage == "fit" and not self._on_gpu():
             rank_zero_warn(
                 "data.decode_on_device without a GPU decodes in the main process instead of the loader workers "
                 "(slower); it is meant for CUDA accelerators.",
@@ -466,7 +465,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         self, dataset: Dataset, batch_size: int, sampler, loader: type[DataLoader] = DataLoader, collate_fn=None
     ) -> DataLoader:
         workers = self.hparams.num_workers
-        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        on_gpu = self._on_gpu()
         pin = on_gpu if self.hparams.pin_memory is None else self.hparams.pin_memory
         persistent = on_gpu if self.hparams.persistent_workers is None else self.hparams.persistent_workers
         return loader(
@@ -478,6 +477,9 @@ class TaskStreamDataModule(L.LightningDataModule):
             persistent_workers=persistent and workers > 0,
             collate_fn=collate_fn,
         )
+
+    def _on_gpu(self) -> bool:
+        return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     def _world(self) -> tuple[int, int]:
         if self.trainer is None:
