@@ -56,6 +56,9 @@ class IncrementalModule(LightningModule):
     rehearsal_free: ClassVar[bool] = False
     #: evaluation scorers; the first is the method's headline number
     scorers: ClassVar[tuple[str, ...]] = ("cnn",)
+    #: task-end feature passes run under the Trainer's mixed precision, as training and evaluation do (the
+    #: pre-trained ViTs: their statistics are fp32/fp64 either way); the others keep them in fp32 (herding)
+    mixed_precision_features: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -315,7 +318,8 @@ class IncrementalModule(LightningModule):
         ``dim`` outputs) computes other features instead (e.g. APER's two concatenated ViT passes).
 
         Runs between fits (task ends), in eval mode, on the training device, in full precision even when
-        autocast is on (herding, class means and DER's balancing read these features). Under DDP each rank
+        autocast is on (herding, class means and DER's balancing read these features), or under the Trainer's
+        mixed precision where the method says so (:attr:`mixed_precision_features`). Under DDP each rank
         computes a shard and the shards are gathered (:meth:`TaskData.map`), so every rank returns the identical
         tensor. ``flip`` mirrors the images horizontally first (iCaRL's class means use both).
         """
@@ -329,7 +333,11 @@ class IncrementalModule(LightningModule):
         def features(images: Tensor) -> Tensor:
             return compute(torch.flip(images, dims=[3]) if flip else images).float()
 
-        with full_precision(data.device.type):
+        if self.mixed_precision_features:
+            precision = self.trainer.precision_plugin.forward_context()  # autocast under "*-mixed", else none
+        else:
+            precision = full_precision(data.device.type)
+        with precision:
             out = data.map(features, dataset, dim or self.backbone.out_dim, batch_size)
         self.train(was_training)
         return out

@@ -3,9 +3,10 @@ the first task at most and frozen afterwards, and a classifier built in closed f
 
 What they share lives here: the optional first-task adaptation (a PET module of ``networks/vit_tuning.py`` trained
 through a temporary cosine head over the first task's classes), the freezing after it, and the task end that
-extracts the new classes' features once (test transform, sharded over the ranks and gathered, in fp32) and hands
-them to the method's classifier. Every rank receives the same gathered features, so the statistics built from them
-(class means, Gram matrices) are identical on every rank and equal to those of a 1-process run.
+extracts the new classes' features once (test transform, sharded over the ranks and gathered; the ViT forward under
+the Trainer's precision, bf16 under ``bf16-mixed``, the features in fp32) and hands them to the method's classifier.
+Every rank receives the same gathered features, so the statistics built from them (class means, Gram matrices) are
+identical on every rank and equal to those of a 1-process run.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class PrototypeModule(IncrementalModule):
 
     scorers: ClassVar[tuple[str, ...]] = ("prototype",)
     rehearsal_free = True
+    mixed_precision_features = True
     #: every task trains (EASE: one adapter per task); the others adapt in the first task at most
     adapts_every_task: ClassVar[bool] = False
     #: the weights of the paper's numbers (recorded in the protocol card)

@@ -32,7 +32,8 @@ class SLCA(IncrementalModule):
     - Slow learner (CIFAR): SGD momentum 0.9, wd 5e-4, batch 128, head lr 0.01, backbone lr 1e-4
       (``backbone_lr_scale`` 0.01), 20 epochs with the LR x0.1 after 18.
     - Statistics: mean and covariance + ``covariance_eps`` I (1e-4) per new class, never refreshed; stored as the
-      Cholesky factor of the covariance (float32; computed in float64).
+      Cholesky factor of the covariance (float32; computed in float64 from the ViT's features, whose forward runs
+      under the Trainer's precision: bf16 under ``bf16-mixed``).
     - Alignment (task >= 2): ``align_epochs`` (5) epochs, each on ``align_samples`` (256) draws per class from
       N(s * mu_c, Sigma_c), s = 0.9 + 0.1 (t_c + 1) / (t + 1) for a class of task t_c (the official code's decay of
       old means); every head trained with SGD (lr ``align_lr`` 0.01, momentum 0.9, cosine schedule) on
@@ -51,6 +52,7 @@ class SLCA(IncrementalModule):
     """
 
     rehearsal_free = True
+    mixed_precision_features = True
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 import re
 from pathlib import Path
 
@@ -267,37 +268,38 @@ def test_a_resumed_stream_ends_with_the_identical_accuracy_matrix(runs, unseen_r
 
 
 class AutocastProbe(L.Callback):
-    """The dtype of the first block's qkv projection during training steps and during the evaluation."""
+    """The dtype of the first block's qkv projection during training steps, the evaluation and the task ends'
+    feature passes (outside the Trainer's loops)."""
 
     def __init__(self) -> None:
         self.seen: set[tuple[str, torch.dtype]] = set()
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._hook(pl_module)
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._hook(pl_module)
-
-    def _hook(self, pl_module) -> None:
+    def setup(self, trainer, pl_module, stage) -> None:
         block = pl_module.backbone.blocks[0]
         qkv = getattr(block, "block", block).attn.qkv
         if not getattr(qkv, "_probed", False):
-            stage = lambda: "train" if pl_module.training else "eval"  # noqa: E731
+            stage = lambda: "train" if pl_module.training else "eval" if trainer.testing else "task_end"  # noqa: E731
             qkv.register_forward_hook(lambda m, i, o: self.seen.add((stage(), o.dtype)))
             qkv._probed = True
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC", *PROMPT_METHODS])
+@pytest.mark.parametrize("method", ["SimpleCIL", "APER", "RanPAC", "EASE", "SLCA", *PROMPT_METHODS])
 def test_bf16_mixed_runs_the_vit_in_bf16_and_keeps_the_statistics_in_fp32(runs, unseen_root, tmp_path, method):
     probe = AutocastProbe()
     run = _run(method, unseen_root, tmp_path, precision="bf16-mixed", extra_callbacks=[probe])
-    head = run["model"].head
-    statistics = {"SimpleCIL": ["prototypes"], "APER": ["prototypes"], "RanPAC": ["gram", "cross", "weight"]}
-    for name in statistics.get(method, ["weight", "bias"]):
-        tensor = getattr(head, name)
+    model = run["model"]
+    statistics = {
+        "SimpleCIL": ["head.prototypes"], "APER": ["head.prototypes"], "EASE": ["head.prototypes"],
+        "RanPAC": ["head.gram", "head.cross", "head.weight"], "SLCA": ["class_means", "class_scales"],
+    }  # fmt: skip
+    for name in statistics.get(method, ["head.weight", "head.bias"]):
+        tensor = operator.attrgetter(name)(model)
         assert tensor.dtype in (torch.float32, torch.float64) and torch.isfinite(tensor).all(), name
     assert ("eval", torch.bfloat16) in probe.seen and (method == "SimpleCIL" or ("train", torch.bfloat16) in probe.seen)
+    # the task ends' feature passes (prototypes, Gram matrices, class Gaussians) run the ViT in bf16 too
+    assert (("task_end", torch.bfloat16) in probe.seen) == (method not in PROMPT_METHODS)
+    assert ("task_end", torch.float32) not in probe.seen
     assert abs(_average(run) - _average(runs(method))) < 5
 
 
