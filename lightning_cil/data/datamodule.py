@@ -101,7 +101,7 @@ class TaskStreamDataModule(L.LightningDataModule):
     and the test data of every task seen so far, each batch as ``(images, labels, task_ids)``.
 
     Args:
-        dataset: one of ``digits``, ``cifar10``, ``cifar100``, ``imagenet100``, ``imagenet1000``,
+        dataset: one of ``digits``, ``cifar10``, ``cifar100``, ``imagenet100``, ``imagenet1000``, ``imagenet_r``,
             ``imagefolder`` (``root/train/<class>``, ``root/test/<class>``) or ``domains``
             (``root/<domain>/<class>``, e.g. PACS); or a dataset object (a ``class_path``, e.g.
             ``torchvision.datasets.ImageFolder``): the train split, a map-style dataset of ``(image, label)``
@@ -118,6 +118,9 @@ class TaskStreamDataModule(L.LightningDataModule):
         class_order_seed: seed of that permutation (1993 in iCaRL, PyCIL and DER); None keeps the dataset's order.
         domains: domain folders to use, in task order (``domains`` dataset); default: all, sorted.
         imagenet_subset: ``podnet`` (PODNet/DER's ImageNet-100, default) or ``seed1993``.
+        imagenet_r_split: ``coda`` (default: CODA-Prompt's fixed 24,000 / 6,000 split of the whole archive, the
+            prompt papers' protocol) or ``folders`` (a pre-split copy's ``train/`` and ``test/``: RevisitingCIL,
+            PILOT, RanPAC, EASE).
         augmentation: transform preset; default depends on the dataset (``imagenet`` for dataset objects), or on
             the backbone: a timm backbone's own input size, mean/std and interpolation.
         train_transforms: torchvision v2 transforms (``class_path`` entries) applied to each ``uint8 [C, H, W]``
@@ -164,6 +167,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         class_order_seed: int | None = DEFAULT_CLASS_ORDER_SEED,
         domains: list[str] | None = None,
         imagenet_subset: str = "podnet",
+        imagenet_r_split: str = "coda",
         augmentation: str | None = None,
         train_transforms: list[v2.Transform] | None = None,
         test_transforms: list[v2.Transform] | None = None,
@@ -247,8 +251,8 @@ class TaskStreamDataModule(L.LightningDataModule):
             if held:
                 raise ValueError(
                     f"data.decode_on_device decodes the training images' files on the device, but dataset="
-                    f"{self.hparams.dataset!r} {held}; use it for image files (imagenet100, imagenet1000, imagefolder,"
-                    f" domains) with in_memory: false, or set decode_on_device: false."
+                    f"{self.hparams.dataset!r} {held}; use it for image files (imagenet100, imagenet1000, imagenet_r,"
+                    f" imagefolder, domains) with in_memory: false, or set decode_on_device: false."
                 )
         self.current_task = -1
         self._splits: DatasetSplits | None = None
@@ -262,7 +266,9 @@ class TaskStreamDataModule(L.LightningDataModule):
         if self._splits is not None:
             return
         hp = self.hparams
-        options = DatasetOptions(hp.download, hp.imagenet_subset, hp.domains, hp.test_fraction, hp.split_seed)
+        options = DatasetOptions(
+            hp.download, hp.imagenet_subset, hp.domains, hp.test_fraction, hp.split_seed, hp.imagenet_r_split
+        )
         if self.dataset_objects is not None:
             splits = splits_of_datasets(*self.dataset_objects, options)
         else:

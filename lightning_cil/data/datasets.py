@@ -169,6 +169,7 @@ class DatasetOptions:
     domains: Sequence[str] | None = None
     test_fraction: float = 0.2
     split_seed: int = 0
+    imagenet_r_split: str = "coda"
 
 
 def image_tensor(image: object, what: str) -> Tensor:
@@ -445,13 +446,18 @@ def splits_of_datasets(train: Dataset, test: Dataset | None, options: DatasetOpt
     return DatasetSplits(train_split, test_split, names, info=info)
 
 
+def _package_list(name: str) -> list[str]:
+    """The lines of a versioned list in ``imagenet_subsets/``, without comments and blank lines."""
+    text = resources.files("lightning_cil.data").joinpath("imagenet_subsets", name).read_text()
+    return [line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def imagenet_subset(name: str) -> list[str]:
     """WordNet ids of a named ImageNet subset shipped with the package (see ``imagenet_subsets/``)."""
     files = {"podnet": "imagenet100_podnet.txt", "seed1993": "imagenet100_seed1993.txt"}
     if name not in files:
         raise ValueError(f"imagenet_subset={name!r} is unknown; choose one of {sorted(files)}.")
-    text = resources.files("lightning_cil.data").joinpath("imagenet_subsets", files[name]).read_text()
-    return [line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return _package_list(files[name])
 
 
 def _imagenet_loader(num_classes: int) -> Callable[[Path | None, DatasetOptions], DatasetSplits]:
@@ -466,6 +472,70 @@ def _imagenet_loader(num_classes: int) -> Callable[[Path | None, DatasetOptions]
         return DatasetSplits(train, test, names, info=info)
 
     return load
+
+
+#: the ImageNet-R splits: CODA-Prompt's fixed test list (the rest trains), or a pre-split copy's folders as they are
+IMAGENET_R_SPLITS = ("coda", "folders")
+#: images of ImageNet-R (200 classes) and of CODA-Prompt's test list
+IMAGENET_R_IMAGES, IMAGENET_R_CODA_TEST = 30_000, 6_000
+
+
+def _load_imagenet_r(root: Path | None, options: DatasetOptions) -> DatasetSplits:
+    """ImageNet-R: ``root/<wnid>/*`` (the original archive) or a pre-split copy ``root/{train,test}/<wnid>/*``.
+
+    ``coda`` (default) splits it as the prompt papers' experiments do, by CODA-Prompt's fixed lists: the 6,000 images
+    of ``imagenet_r_coda_test.txt`` test, the other 24,000 train, the classes in CODA's label order. An image is
+    named by ``<wnid>/<file>``, which is unique in ImageNet-R, so either layout gives the same split. ``folders``
+    keeps a pre-split copy's ``train/`` and ``test/`` as they are (RevisitingCIL, PILOT, RanPAC, EASE), the classes
+    sorted.
+    """
+    split = options.imagenet_r_split
+    if split not in IMAGENET_R_SPLITS:
+        raise ValueError(f"imagenet_r_split={split!r} is unknown; choose one of {list(IMAGENET_R_SPLITS)}.")
+    expected = f"{root}/<wnid>/<image> (the original archive) or {root}/{{train,test}}/<wnid>/<image> (pre-split)"
+    if root is None:
+        raise DatasetError(f"imagenet_r needs data.root laid out as {expected}.")
+    _require_dir(root, expected)
+    presplit = (root / "train").is_dir() and (root / "test").is_dir()
+    if split == "folders":
+        if not presplit:
+            raise DatasetError(
+                f"imagenet_r_split='folders' needs a pre-split copy at {root} (train/<wnid>/ and test/<wnid>/); "
+                f"for the original archive use imagenet_r_split='coda'."
+            )
+        train, test, names = _train_test_folders(root)
+        if len(names) != 200:
+            raise DatasetError(f"ImageNet-R at {root} has {len(names)} class folders, expected 200.")
+        return DatasetSplits(train, test, names, info={"imagenet_r_split": split})
+    classes = _package_list("imagenet_r_coda_classes.txt")
+    test_names = _package_list("imagenet_r_coda_test.txt")
+    found: dict[str, str] = {}
+    for folder in [root / "train", root / "test"] if presplit else [root]:
+        for class_dir in _class_dirs(folder, expected):
+            for path in _image_files(class_dir):
+                name = f"{class_dir.name}/{Path(path).name}"
+                if name in found:
+                    raise DatasetError(f"ImageNet-R at {root} holds {name!r} twice ({found[name]!r} and {path!r}).")
+                found[name] = path
+    unknown = sorted({name.split("/")[0] for name in found} - set(classes))
+    if unknown:
+        raise DatasetError(f"ImageNet-R at {root} has class folders {unknown[:5]} that are not among its 200 wnids.")
+    missing = [name for name in test_names if name not in found]
+    if missing or len(found) != IMAGENET_R_IMAGES:
+        raise DatasetError(
+            f"ImageNet-R at {root} holds {len(found):,} images, {len(missing):,} of CODA-Prompt's test list missing"
+            + (f" (e.g. {missing[0]!r})" if missing else "")
+            + f"; the split needs all {IMAGENET_R_IMAGES:,} images of the original archive."
+        )
+    label = {wnid: index for index, wnid in enumerate(classes)}
+    held_out = set(test_names)
+
+    def to_split(names: list[str]) -> ImageSplit:
+        targets = torch.tensor([label[name.split("/")[0]] for name in names], dtype=torch.long)
+        return ImageSplit(targets, torch.zeros(len(names), dtype=torch.long), paths=[found[name] for name in names])
+
+    train = to_split(sorted(name for name in found if name not in held_out))
+    return DatasetSplits(train, to_split(test_names), classes, info={"imagenet_r_split": split})
 
 
 def _load_domains(root: Path | None, options: DatasetOptions) -> DatasetSplits:
@@ -505,6 +575,7 @@ DATASETS: dict[str, tuple[Callable[[Path | None, DatasetOptions], DatasetSplits]
     "cifar100": (_cifar_loader(100), 3, True),
     "imagenet100": (_imagenet_loader(100), 3, False),
     "imagenet1000": (_imagenet_loader(1000), 3, False),
+    "imagenet_r": (_load_imagenet_r, 3, False),
     "imagefolder": (_load_image_folder, 3, False),
     "domains": (_load_domains, 3, True),
 }

@@ -69,6 +69,7 @@ DEFAULT_PRESET = {
     "cifar100": "cifar100",
     "imagenet100": "imagenet",
     "imagenet1000": "imagenet",
+    "imagenet_r": "imagenet",
     "imagefolder": "imagenet",
     "domains": "small64",
 }
