@@ -102,6 +102,7 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     Args:
         dataset: one of ``digits``, ``cifar10``, ``cifar100``, ``imagenet100``, ``imagenet1000``, ``imagenet_r``,
+            the pre-split benchmarks ``imagenet_a``, ``cub200``, ``objectnet``, ``omnibenchmark``, ``vtab``,
             ``imagefolder`` (``root/train/<class>``, ``root/test/<class>``) or ``domains``
             (``root/<domain>/<class>``, e.g. PACS); or a dataset object (a ``class_path``, e.g.
             ``torchvision.datasets.ImageFolder``): the train split, a map-style dataset of ``(image, label)``

@@ -474,6 +474,21 @@ def _imagenet_loader(num_classes: int) -> Callable[[Path | None, DatasetOptions]
     return load
 
 
+def _presplit_loader(name: str, num_classes: int) -> Callable[[Path | None, DatasetOptions], DatasetSplits]:
+    """A benchmark distributed as a pre-split copy, ``root/train/<class>/*`` and ``root/test/<class>/*`` (the
+    RevisitingCIL/PILOT copies of ImageNet-A, CUB-200, ObjectNet, OmniBenchmark and VTAB), checked for its classes."""
+
+    def load(root: Path | None, options: DatasetOptions) -> DatasetSplits:
+        if root is None:
+            raise DatasetError(f"{name} needs data.root with train/<class>/* and test/<class>/*.")
+        train, test, names = _train_test_folders(root)
+        if len(names) != num_classes:
+            raise DatasetError(f"{name} at {root} has {len(names)} class folders, expected {num_classes}.")
+        return DatasetSplits(train, test, names)
+
+    return load
+
+
 #: the ImageNet-R splits: CODA-Prompt's fixed test list (the rest trains), or a pre-split copy's folders as they are
 IMAGENET_R_SPLITS = ("coda", "folders")
 #: images of ImageNet-R (200 classes) and of CODA-Prompt's test list
@@ -503,10 +518,8 @@ def _load_imagenet_r(root: Path | None, options: DatasetOptions) -> DatasetSplit
                 f"imagenet_r_split='folders' needs a pre-split copy at {root} (train/<wnid>/ and test/<wnid>/); "
                 f"for the original archive use imagenet_r_split='coda'."
             )
-        train, test, names = _train_test_folders(root)
-        if len(names) != 200:
-            raise DatasetError(f"ImageNet-R at {root} has {len(names)} class folders, expected 200.")
-        return DatasetSplits(train, test, names, info={"imagenet_r_split": split})
+        splits = _presplit_loader("ImageNet-R", 200)(root, options)
+        return replace(splits, info={"imagenet_r_split": split})
     classes = _package_list("imagenet_r_coda_classes.txt")
     test_names = _package_list("imagenet_r_coda_test.txt")
     found: dict[str, str] = {}
@@ -576,6 +589,11 @@ DATASETS: dict[str, tuple[Callable[[Path | None, DatasetOptions], DatasetSplits]
     "imagenet100": (_imagenet_loader(100), 3, False),
     "imagenet1000": (_imagenet_loader(1000), 3, False),
     "imagenet_r": (_load_imagenet_r, 3, False),
+    "imagenet_a": (_presplit_loader("ImageNet-A", 200), 3, False),
+    "cub200": (_presplit_loader("CUB-200", 200), 3, False),
+    "objectnet": (_presplit_loader("ObjectNet", 200), 3, False),
+    "omnibenchmark": (_presplit_loader("OmniBenchmark", 300), 3, False),
+    "vtab": (_presplit_loader("VTAB", 50), 3, False),
     "imagefolder": (_load_image_folder, 3, False),
     "domains": (_load_domains, 3, True),
 }

@@ -70,6 +70,11 @@ DEFAULT_PRESET = {
     "imagenet100": "imagenet",
     "imagenet1000": "imagenet",
     "imagenet_r": "imagenet",
+    "imagenet_a": "imagenet",
+    "cub200": "imagenet",
+    "objectnet": "imagenet",
+    "omnibenchmark": "imagenet",
+    "vtab": "imagenet",
     "imagefolder": "imagenet",
     "domains": "small64",
 }

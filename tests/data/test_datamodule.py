@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,16 @@ def test_an_evaluation_batch_is_transformed_at_once_with_the_numbers_of_one_imag
         assert torch.equal(image, image1) and (label, task, index) == (label1, task1, index1)
     loaded = next(iter(DataLoader(test, batch_size=16)))
     assert torch.equal(loaded[0], torch.stack([test[k][0] for k in range(16)]))
+
+
+@pytest.mark.parametrize(("dataset", "classes"), [("vtab", 50), ("omnibenchmark", 300)])
+def test_presplit_benchmarks_are_checked_for_their_classes(tmp_path, dataset, classes):
+    """ImageNet-A, CUB-200, ObjectNet, OmniBenchmark and VTAB come as pre-split train/ and test/ copies."""
+    _tree(tmp_path, {f"{split}/c{k:03d}": ["a.png"] for k in range(classes) for split in ("train", "test")})
+    dm = TaskStreamDataModule(dataset=dataset, root=str(tmp_path), protocol="B0_Inc10", num_workers=0)
+    dm.prepare_stream()
+    assert len(dm.class_names) == classes and dm.num_tasks == classes // 10
+    for split in ("train", "test"):
+        shutil.rmtree(tmp_path / split / "c000")
+    with pytest.raises(DatasetError, match=rf"has {classes - 1} class folders, expected {classes}"):
+        TaskStreamDataModule(dataset=dataset, root=str(tmp_path), protocol="B0_Inc10").prepare_stream()
