@@ -14,7 +14,9 @@ in 4 class folders, and then measures, on one thread of one process:
 - the stream's training loader (``TaskStreamDataModule``, imagefolder, its first task, 0 workers): sampler,
   decode, transform, collate, per image;
 - with ``--device``: the same loader with ``data.decode_on_device`` (it only reads the files' bytes), its batches
-  decoded and transformed on that device (``decode_batch``, nvJPEG on CUDA), per image including the reads.
+  decoded and transformed on that device (``decode_batch``, nvJPEG on CUDA), per image including the reads;
+- with ``--dali`` too: the same with ``data.device_decoder: dali`` (NVIDIA DALI's region-of-interest decode,
+  resize, flip and normalisation; one DALI thread on the CPU).
 
 Each figure is the best of ``--repeats`` passes over every file. Writes benchmarks/results/loader.json.
 """
@@ -31,6 +33,7 @@ from harness import machine, write_result  # benchmarks/harness.py
 from PIL import Image
 
 from lightning_cil.data import TaskStreamDataModule
+from lightning_cil.data.dali_decoding import DaliDecoder, DaliPlan
 from lightning_cil.data.datasets import read_image, read_image_with_pil
 from lightning_cil.data.device_decoding import decode_batch
 from lightning_cil.data.transforms import build_transforms
@@ -71,21 +74,27 @@ def best_rate(work, items, repeats: int) -> float:
     return len(items) / best
 
 
-def loader_rate(folder: str, args: argparse.Namespace, device: torch.device | None) -> float:
-    """Images/s of the stream's training loader over its first task; with ``device``, decoding there."""
+def loader_rate(folder: str, args: argparse.Namespace, device: torch.device | None, dali: bool = False) -> float:
+    """Images/s of the stream's training loader over its first task; with ``device``, decoding there (by DALI
+    with ``dali``)."""
     data = TaskStreamDataModule(
         dataset="imagefolder", root=folder, initial_classes=2, increment=2, in_memory=False,
         class_order_seed=None, batch_size=args.batch_size, num_workers=0, decode_on_device=device is not None,
+        device_decoder="dali" if dali else "torchvision",
     )  # fmt: skip
     data.prepare_stream()
     data.set_task(0)
     loader = data.train_dataloader()
+    if dali:
+        decoder = DaliDecoder(DaliPlan.of(data.train_transform), device, args.batch_size, threads=1)
     best = float("inf")
     for _ in range(args.repeats):
         start = time.perf_counter()
         seen = 0
         for batch in loader:
-            if device is not None:
+            if dali:
+                batch = decoder(batch, data.splits.train.image)
+            elif device is not None:
                 batch = decode_batch(batch, data.train_transform, device, data.splits.train.image)
             seen += len(batch[0])
         if device is not None and device.type == "cuda":
@@ -101,6 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="also decode the loader's batches on this device (cuda, cpu)")
+    parser.add_argument("--dali", action="store_true", help="with --device: also DALI as the device decoder")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "loader.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -118,7 +128,10 @@ def main() -> None:
         }
         rates["stream_train_loader"] = loader_rate(folder, args, None)
         if args.device:
-            rates[f"stream_train_loader_decode_on_{args.device}"] = loader_rate(folder, args, torch.device(args.device))
+            device = torch.device(args.device)
+            rates[f"stream_train_loader_decode_on_{args.device}"] = loader_rate(folder, args, device)
+            if args.dali:
+                rates[f"stream_train_loader_dali_on_{args.device}"] = loader_rate(folder, args, device, dali=True)
     rates = {name: round(rate, 1) for name, rate in rates.items()}
     speedup = {
         "decode": round(rates["decode_torchvision"] / rates["decode_pil"], 2),
@@ -138,6 +151,7 @@ def main() -> None:
             "jpeg_quality": 90,
             "batch_size": args.batch_size,
             "device": args.device,
+            "dali": args.dali,
             "images_per_second_per_core": rates,
             "speedup_torchvision_over_pil": speedup,
             "pixel_mismatches": mismatches,

@@ -15,6 +15,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
 from lightning_cil.data.batch_augmentation import BatchAugmentation, build_batch_augmentation
+from lightning_cil.data.dali_decoding import DaliDecoder, DaliPlan, require_dali
 from lightning_cil.data.datasets import (
     DATASETS,
     DatasetOptions,
@@ -46,7 +47,10 @@ from lightning_cil.data.transforms import (
 )
 from lightning_cil.seeding import batch_augmentation_seed, run_seed, seed_sample
 
-__all__ = ["TaskDataset", "TaskStreamDataModule"]
+__all__ = ["DEVICE_DECODERS", "TaskDataset", "TaskStreamDataModule"]
+
+#: decoders of ``decode_on_device``: torchvision's batched ``decode_jpeg``, or NVIDIA DALI (the ``dali`` extra)
+DEVICE_DECODERS = ("torchvision", "dali")
 
 
 class TaskDataset(Dataset):
@@ -146,6 +150,9 @@ class TaskStreamDataModule(L.LightningDataModule):
             (torchvision's batched ``decode_jpeg``, nvJPEG on a GPU) and transformed there, each image with its own
             seed as on the CPU path, before the transfer (``on_before_batch_transfer``). On the CPU the batches are
             identical to the default path's (and decoding leaves the workers for the main process: slower).
+        device_decoder: the decoder of ``decode_on_device``: ``torchvision`` (default) or ``dali`` (NVIDIA DALI, the
+            ``dali`` extra: ROI decoding, resize, flip and normalisation in one pipeline, ``num_workers`` CPU threads;
+            the crops and flips are the CPU path's own draws; see ``data/dali_decoding.py``).
         max_train_per_class: keep at most this many training images per class (seeded); for quick runs.
         max_test_per_class: the same for test images.
         subset_seed: seed of those subsets.
@@ -187,6 +194,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         val_during_fit: bool = False,
         gpu_augmentation: bool = False,
         decode_on_device: bool = False,
+        device_decoder: str = "torchvision",
     ) -> None:
         super().__init__()
         # dataset objects and transforms are described by name in the hyperparameters, not pickled into checkpoints
@@ -255,6 +263,18 @@ class TaskStreamDataModule(L.LightningDataModule):
                     f"{self.hparams.dataset!r} {held}; use it for image files (imagenet100, imagenet1000, imagenet_r,"
                     f" imagefolder, domains) with in_memory: false, or set decode_on_device: false."
                 )
+        if device_decoder not in DEVICE_DECODERS:
+            raise ValueError(
+                f"data.device_decoder={device_decoder!r} is unknown; choose one of {list(DEVICE_DECODERS)}."
+            )
+        if device_decoder == "dali":
+            if not decode_on_device:
+                raise ValueError(
+                    "data.device_decoder='dali' is the decoder of decode_on_device: set decode_on_device: true."
+                )
+            require_dali()
+        #: the DALI pipeline of ``device_decoder: dali``, built for the training device at the first batch
+        self._dali: DaliDecoder | None = None
         self.current_task = -1
         self._splits: DatasetSplits | None = None
         self._layout: StreamLayout | None = None
@@ -341,6 +361,8 @@ class TaskStreamDataModule(L.LightningDataModule):
                 f"data.train_transforms give images of shape {shapes['train']} but data.test_transforms give "
                 f"{shapes['test']}; the model must see one input size in training and evaluation."
             )
+        if self.hparams.device_decoder == "dali":
+            DaliPlan.of(self.train_transform)  # refuses a step DALI cannot run, before training
 
     def _labels_and_tasks(self, split: ImageSplit) -> tuple[Tensor, Tensor]:
         """Stream label and task of every sample of ``split`` (called while the layout is being set up)."""
@@ -535,6 +557,11 @@ class TaskStreamDataModule(L.LightningDataModule):
         if not isinstance(batch, EncodedBatch):
             return batch
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.hparams.device_decoder == "dali":
+            if self._dali is None or self._dali.device != device:
+                plan = DaliPlan.of(self.train_transform)
+                self._dali = DaliDecoder(plan, device, self.hparams.batch_size, max(1, self.hparams.num_workers))
+            return self._dali(batch, self.splits.train.image)
         return decode_batch(batch, self.train_transform, device, self.splits.train.image)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
