@@ -21,7 +21,7 @@ of ``benchmarks/harness.py``; logs in ``<dir>/logs/``. The steps:
    ``benchmarks/throughput.py`` and write a row as soon as it is measured, so a timeout keeps what was done.
 4. ``loader``: ``benchmarks/loader.py --device cuda`` on 400 ImageNet-shaped JPEGs made from the archive's images:
    images/s per core of PIL, torchvision's CPU decoder and the stream's loader, against the loader with
-   ``data.decode_on_device`` (nvJPEG), batch 128.
+   ``data.decode_on_device`` (nvJPEG), batch 128; and with ``device_decoder: dali`` where DALI is installed.
 5. ``accuracy``: ``configs/icarl_cifar10.yaml`` (Split CIFAR-10, 5 x 2, natural order, ResNet-18, 200 exemplars)
    through the CLI, with fewer epochs per task than the protocol's (stated in the result), against the published
    49.02% (Mammoth, Seq-CIFAR-10, class-IL).
@@ -33,6 +33,7 @@ it checks that every step runs and writes its result, not any number.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -348,6 +349,8 @@ def _loader(check: Check, archive: Path, scratch: Path, sizes: dict[str, Any]) -
     command = _python(str(HERE / "loader.py"), "--source", str(source), "--count", str(loader["count"]), "--repeats",
                       str(loader["repeats"]), "--batch-size", str(loader["batch_size"]), "--device",
                       loader["device"], "--out", str(result_file))  # fmt: skip
+    if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
+        command.append("--dali")  # DALI is an extra: measured where the machine has it
     outcome = check.run("loader", command)
     result = json.loads(result_file.read_text()) if result_file.is_file() else None
     check.record("loader", outcome, result)
