@@ -79,9 +79,8 @@ class TaskDataset(Dataset):
             key, seed = key
             seed_sample(seed)
         j = int(self.indices[key])
-        if self.encoded:
-            seed = int(torch.randint(2**62, ())) if seed is None else seed
-            return self.split.encoded(j), int(self.labels[j]), int(self.tasks[j]), seed, j
+        if self.encoded:  # evaluation and feature loaders give no seed: their transforms draw nothing
+            return self.split.encoded(j), int(self.labels[j]), int(self.tasks[j]), seed or 0, j
         sample = self.transform(self.split.image(j)), int(self.labels[j]), int(self.tasks[j])
         return (*sample, j) if self.with_index else sample
 
@@ -146,9 +145,10 @@ class TaskStreamDataModule(L.LightningDataModule):
             ``batch_augmentation.BATCH_PRESETS`` (the CIFAR and digits presets, ``none``). Draws come from one
             generator per (seed, epoch, rank), so a run with it is reproducible but not identical to one without.
         decode_on_device: for image files (ImageNet, ``imagefolder``, ``domains``) whose decoding limits the loader:
-            the training loader only reads each file's bytes; the batch is decoded on the training device
-            (torchvision's batched ``decode_jpeg``, nvJPEG on a GPU) and transformed there, each image with its own
-            seed as on the CPU path, before the transfer (``on_before_batch_transfer``). On the CPU the batches are
+            the loaders (training, evaluation, task-end features) only read each file's bytes; the batch is decoded
+            on the training device (torchvision's batched ``decode_jpeg``, nvJPEG on a GPU) and transformed there,
+            each training image with its own seed as on the CPU path, before the transfer
+            (``on_before_batch_transfer``; ``TaskData.map`` for task-end features). On the CPU the batches are
             identical to the default path's (and decoding leaves the workers for the main process: slower).
         device_decoder: the decoder of ``decode_on_device``: ``torchvision`` (default) or ``dali`` (NVIDIA DALI, the
             ``dali`` extra: ROI decoding, resize, flip and normalisation in one pipeline, ``num_workers`` CPU threads;
@@ -539,9 +539,13 @@ class TaskStreamDataModule(L.LightningDataModule):
     def _eval_loader(self) -> DataLoader:
         dataset = self.test_dataset()
         dataset.with_index = True  # batches are (images, labels, tasks, test-split indices)
+        dataset.encoded = self.hparams.decode_on_device  # decoded on the device, in on_before_batch_transfer
         world, rank = self._world()
         sampler = ShardedEvalSampler(dataset, num_replicas=world, rank=rank)
-        return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, sampler)
+        collate = collate_encoded if dataset.encoded else None
+        return self._loader(
+            dataset, self.hparams.eval_batch_size or self.hparams.batch_size, sampler, collate_fn=collate
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         fitting = self.trainer is not None and self.trainer.state.fn == "fit"
@@ -553,10 +557,13 @@ class TaskStreamDataModule(L.LightningDataModule):
         return self._eval_loader()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With ``decode_on_device``: decode and transform a training batch of file bytes on the training device."""
+        """With ``decode_on_device``: decode and transform a batch of file bytes on the training device (an
+        evaluation batch with the test transform, keeping its test-split indices)."""
         if not isinstance(batch, EncodedBatch):
             return batch
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.trainer is not None and not self.trainer.training:
+            return *decode_batch(batch, self.test_transform, device, self.splits.test.image), batch.indices
         if self.hparams.device_decoder == "dali":
             if self._dali is None or self._dali.device != device:
                 plan = DaliPlan.of(self.train_transform)

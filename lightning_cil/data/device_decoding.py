@@ -1,9 +1,10 @@
-"""JPEG decoding of a training batch on the training device (nvJPEG on CUDA), for file-backed datasets (ImageNet).
+"""JPEG decoding of a batch on the training device (nvJPEG on CUDA), for file-backed datasets (ImageNet).
 
 A core decodes and crops a few hundred ImageNet JPEGs a second, and one GPU trains on thousands: with
 ``data.decode_on_device`` the loader workers only read each file's bytes, torchvision decodes the whole batch at once
-on the device (``decode_jpeg(list, device=...)``), and the training transform runs there, image by image, drawing
-from each sample's own seed exactly as the CPU path does. On the CPU the batches are therefore identical to the
+on the device (``decode_jpeg(list, device=...)``), and the transform runs there, image by image: the training
+transform drawing from each sample's own seed exactly as the CPU path does, and for evaluation and task-end features
+the test transform. On the CPU the batches are therefore identical to the
 default path's (the same libjpeg-turbo, the same draws; a test compares them); on CUDA, nvJPEG's pixels differ from
 libjpeg-turbo's by rounding. A file the batched decoder refuses (a PNG named ``.jpg``, a CMYK JPEG on CUDA) is
 read by the CPU path alone and moved to the device.

@@ -7,6 +7,7 @@ stream's data. Neither the method nor the data module reaches through the traine
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_cil.data.device_decoding import collate_encoded, decode_batch
 from lightning_cil.data.samplers import ShardedEvalSampler
 from lightning_cil.data.scenario import TaskInfo
 
@@ -95,11 +97,22 @@ class TaskData:
     def map(self, fn: Callable[[Tensor], Tensor], dataset: Dataset, dim: int, batch_size: int = 256) -> Tensor:
         """``fn`` (images on :attr:`device` -> ``[batch, dim]`` rows) over every sample of ``dataset``, in dataset
         order, on the CPU. Each process computes its shard and the shards are gathered, so every process returns
-        the identical tensor."""
+        the identical tensor. Under ``decode_on_device`` the files are decoded and transformed on the device."""
+        from lightning_cil.data.datamodule import TaskDataset  # (the data module imports this module)
+
         device = self.device
         world = self._strategy.world_size
-        loader = self.shard_loader(dataset, batch_size, self._datamodule.hparams.num_workers)
-        parts = [fn(images.to(device)) for images, _, _ in loader]
+        workers = self._datamodule.hparams.num_workers
+        if self._datamodule.hparams.decode_on_device and isinstance(dataset, TaskDataset):
+            # the loader reads the files' bytes; each batch is decoded and transformed on the device
+            dataset = copy.copy(dataset)
+            dataset.encoded = True
+            sampler = ShardedEvalSampler(dataset, world, self._strategy.global_rank)
+            loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_encoded)
+            batches = (decode_batch(batch, dataset.transform, device, dataset.split.image)[0] for batch in loader)
+        else:
+            batches = (images.to(device) for images, _, _ in self.shard_loader(dataset, batch_size, workers))
+        parts = [fn(images) for images in batches]
         local = torch.cat(parts) if parts else torch.zeros(0, dim, device=device)
         if world == 1:
             return local.cpu()

@@ -1,4 +1,4 @@
-"""data.decode_on_device: training batches of file bytes, decoded and transformed on the training device."""
+"""data.decode_on_device: batches of file bytes, decoded and transformed on the training device."""
 
 import shutil
 from contextlib import nullcontext
@@ -10,9 +10,12 @@ import torch
 from conftest import make_trainer
 from PIL import Image
 
+import lightning_cil.data.datamodule as datamodule_module
+import lightning_cil.data.task_data as task_data_module
 from lightning_cil import Finetune, TaskSchedule, TaskStreamDataModule, run_stream
-from lightning_cil.data.device_decoding import EncodedBatch
+from lightning_cil.data.device_decoding import EncodedBatch, decode_batch
 from lightning_cil.data.task_data import TrainingPlan
+from lightning_cil.methods import ICaRL
 
 
 @pytest.fixture
@@ -58,21 +61,36 @@ def test_batches_decoded_on_the_device_equal_the_cpu_paths(mixed_root, preset):
         assert torch.equal(images, cpu_images) and torch.equal(labels, cpu_labels) and torch.equal(tasks, cpu_tasks)
 
 
-def test_a_stream_decoded_on_the_device_trains_to_the_same_model(mixed_root, tmp_path):
-    """Inside Lightning's fit (the hook runs before the batch is moved): the same accuracy matrix and weights."""
+@pytest.mark.parametrize("method", [Finetune, ICaRL])
+def test_a_stream_decoded_on_the_device_trains_to_the_same_model(mixed_root, tmp_path, monkeypatch, method):
+    """Inside Lightning's fit (the hook runs before the batch is moved), in the evaluations and in iCaRL's task-end
+    features (herding, class means): the same accuracy matrix and weights."""
+    transforms = []
+
+    def recording(batch, transform, *args):
+        transforms.append(transform)
+        return decode_batch(batch, transform, *args)
+
+    monkeypatch.setattr(datamodule_module, "decode_batch", recording)
+    monkeypatch.setattr(task_data_module, "decode_batch", recording)
     results = {}
     for on_device in (False, True):
         L.seed_everything(3)
-        model = Finetune(backbone="resnet20", schedule=TaskSchedule(epochs=1, lr=0.05, milestones=[]))
+        options = dict(memory_budget=20) if method is ICaRL else {}
+        model = method(backbone="resnet20", schedule=TaskSchedule(epochs=1, lr=0.05, milestones=[]), **options)
         trainer = make_trainer(tmp_path / str(on_device))
+        dm = _stream(mixed_root, augmentation="cifar10", decode_on_device=on_device)
         with pytest.warns(UserWarning, match="decode_on_device without a GPU") if on_device else nullcontext():
-            summary = run_stream(
-                trainer, model, _stream(mixed_root, augmentation="cifar10", decode_on_device=on_device)
-            )
+            summary = run_stream(trainer, model, dm)
         results[on_device] = summary, model.state_dict()
     assert results[True][0] == results[False][0]
     for name, value in results[False][1].items():
         assert torch.equal(value, results[True][1][name]), name
+    # training batches, evaluation batches and (iCaRL) the task-end features were all decoded on the device
+    assert dm.train_transform in transforms and dm.test_transform in transforms
+    evaluation_and_features = sum(t is dm.test_transform for t in transforms)
+    test_batches = 3 + 5  # the evaluations after tasks 1 and 2: 40 and 80 test images, batches of 16
+    assert evaluation_and_features > test_batches if method is ICaRL else evaluation_and_features == test_batches
 
 
 def test_decoding_on_the_device_is_refused_for_images_held_in_memory(mixed_root):
