@@ -1,5 +1,6 @@
-"""Image loading speed per CPU core on ImageNet-shaped JPEGs: PIL against torchvision's decoder, alone and with
-the ImageNet training transform, and through the stream's own training loader.
+"""Image loading speed per CPU core on ImageNet-shaped JPEGs: PIL against the image codec (TorchCodec's decoders,
+and torchvision's, its fallback), alone and with the ImageNet training transform, and through the stream's own
+training loader.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/loader.py --source <cifar10>/train --count 400
 
@@ -8,8 +9,9 @@ from the shared images (upscaled, so their content is smoother than a photograph
 in 4 class folders, and then measures, on one thread of one process:
 
 - decode: file to ``uint8 [3, H, W]``, with PIL (``read_image_with_pil``: ``Image.open`` + ``convert("RGB")`` + a
-  tensor copy, the project's earlier path) and with ``read_image`` (torchvision's decoder); both must
-  give identical pixels, which the script checks on every file;
+  tensor copy, the project's earlier path) and with ``read_image`` (``image_codec``), once with each codec
+  library that loads (``decode_torchcodec``, ``decode_torchvision``); all must give identical pixels, which the
+  script checks on every file;
 - decode + the ``imagenet`` preset's training transform (RandomResizedCrop 224, flip, float, normalise);
 - the stream's training loader (``TaskStreamDataModule``, imagefolder, its first task, 0 workers): sampler,
   decode, transform, collate, per image;
@@ -32,7 +34,7 @@ import torch
 from harness import machine, write_result  # benchmarks/harness.py
 from PIL import Image
 
-from lightning_cil.data import TaskStreamDataModule
+from lightning_cil.data import TaskStreamDataModule, image_codec
 from lightning_cil.data.dali_decoding import DaliDecoder, DaliPlan
 from lightning_cil.data.datasets import read_image, read_image_with_pil
 from lightning_cil.data.device_decoding import decode_batch
@@ -117,15 +119,21 @@ def main() -> None:
     train_transform, _ = build_transforms("imagenet")
     with tempfile.TemporaryDirectory() as folder:
         files = make_jpegs(Path(args.source), args.count, Path(folder))
-        mismatches = sum(not torch.equal(pil_decode(f), read_image(str(f))) for f in files)
-        rates = {
-            "decode_pil": best_rate(pil_decode, files, args.repeats),
-            "decode_torchvision": best_rate(lambda f: read_image(str(f)), files, args.repeats),
-            "decode_transform_pil": best_rate(lambda f: train_transform(pil_decode(f)), files, args.repeats),
-            "decode_transform_torchvision": best_rate(
+        rates = {"decode_pil": best_rate(pil_decode, files, args.repeats)}
+        rates["decode_transform_pil"] = best_rate(lambda f: train_transform(pil_decode(f)), files, args.repeats)
+        mismatches = {}
+        default = image_codec.DECODERS
+        for backend in ("torchcodec", "torchvision"):
+            try:
+                image_codec.DECODERS = image_codec.load_decoders(backend)
+            except (ImportError, OSError, RuntimeError):
+                continue
+            mismatches[backend] = sum(not torch.equal(pil_decode(f), read_image(str(f))) for f in files)
+            rates[f"decode_{backend}"] = best_rate(lambda f: read_image(str(f)), files, args.repeats)
+            rates[f"decode_transform_{backend}"] = best_rate(
                 lambda f: train_transform(read_image(str(f))), files, args.repeats
-            ),
-        }
+            )
+        image_codec.DECODERS = default
         rates["stream_train_loader"] = loader_rate(folder, args, None)
         if args.device:
             device = torch.device(args.device)
@@ -133,15 +141,16 @@ def main() -> None:
             if args.dali:
                 rates[f"stream_train_loader_dali_on_{args.device}"] = loader_rate(folder, args, device, dali=True)
     rates = {name: round(rate, 1) for name, rate in rates.items()}
+    codec = default.backend
     speedup = {
-        "decode": round(rates["decode_torchvision"] / rates["decode_pil"], 2),
-        "decode_transform": round(rates["decode_transform_torchvision"] / rates["decode_transform_pil"], 2),
+        "decode": round(rates[f"decode_{codec}"] / rates["decode_pil"], 2),
+        "decode_transform": round(rates[f"decode_transform_{codec}"] / rates["decode_transform_pil"], 2),
     }
     print(f"{len(files)} JPEGs of {SIZE[0]}x{SIZE[1]}, 1 thread; images/s per core:")
     for name, rate in rates.items():
         print(f"  {name:30s} {rate:8.1f}")
-    print(f"torchvision / PIL: decode {speedup['decode']}x, decode + transform {speedup['decode_transform']}x; "
-          f"pixel mismatches {mismatches}")  # fmt: skip
+    print(f"{codec} / PIL: decode {speedup['decode']}x, decode + transform {speedup['decode_transform']}x; "
+          f"pixel mismatches against PIL {mismatches}")  # fmt: skip
     write_result(
         args.out,
         {
@@ -153,7 +162,8 @@ def main() -> None:
             "device": args.device,
             "dali": args.dali,
             "images_per_second_per_core": rates,
-            "speedup_torchvision_over_pil": speedup,
+            "codec": codec,
+            "speedup_codec_over_pil": speedup,
             "pixel_mismatches": mismatches,
         },
     )

@@ -49,7 +49,8 @@ from lightning_cil.seeding import batch_augmentation_seed, run_seed, seed_sample
 
 __all__ = ["DEVICE_DECODERS", "TaskDataset", "TaskStreamDataModule"]
 
-#: decoders of ``decode_on_device``: torchvision's batched ``decode_jpeg``, or NVIDIA DALI (the ``dali`` extra)
+#: decoders of ``decode_on_device``: the image codec's batched ``decode_jpeg`` + torchvision's transforms, or NVIDIA
+#: DALI (the ``dali`` extra)
 DEVICE_DECODERS = ("torchvision", "dali")
 
 
@@ -146,13 +147,14 @@ class TaskStreamDataModule(L.LightningDataModule):
             generator per (seed, epoch, rank), so a run with it is reproducible but not identical to one without.
         decode_on_device: for image files (ImageNet, ``imagefolder``, ``domains``) whose decoding limits the loader:
             the loaders (training, evaluation, task-end features) only read each file's bytes; the batch is decoded
-            on the training device (torchvision's batched ``decode_jpeg``, nvJPEG on a GPU) and transformed there,
-            each training image with its own seed as on the CPU path, before the transfer
+            on the training device (TorchCodec's batched ``decode_jpeg``, nvJPEG on a GPU; ``data/image_codec.py``)
+            and transformed there, each training image with its own seed as on the CPU path, before the transfer
             (``on_before_batch_transfer``; ``TaskData.map`` for task-end features). On the CPU the batches are
             identical to the default path's (and decoding leaves the workers for the main process: slower).
-        device_decoder: the decoder of ``decode_on_device``: ``torchvision`` (default) or ``dali`` (NVIDIA DALI, the
-            ``dali`` extra: ROI decoding, resize, flip and normalisation in one pipeline, ``num_workers`` CPU threads;
-            the crops and flips are the CPU path's own draws; see ``data/dali_decoding.py``).
+        device_decoder: the decoder of ``decode_on_device``: ``torchvision`` (default: the image codec decodes,
+            torchvision's transforms run) or ``dali`` (NVIDIA DALI, the ``dali`` extra: ROI decoding, resize, flip and
+            normalisation in one pipeline, ``num_workers`` CPU threads; the crops and flips are the CPU path's own
+            draws; see ``data/dali_decoding.py``).
         max_train_per_class: keep at most this many training images per class (seeded); for quick runs.
         max_test_per_class: the same for test images.
         subset_seed: seed of those subsets.

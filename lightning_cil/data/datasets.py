@@ -24,7 +24,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
+
+from lightning_cil.data.image_codec import ImageDecodeError, decode_image, read_bytes
 
 __all__ = [
     "DATASETS",
@@ -41,9 +42,9 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-#: files that torchvision's decoders read straight into a tensor (libjpeg-turbo, libpng, libwebp); the rest, and
-#: any file these refuse, go through PIL
-TORCHVISION_DECODED = (".jpg", ".jpeg", ".png", ".webp")
+#: files decoded straight into a tensor (``image_codec``: libjpeg-turbo, libpng, libwebp); the rest, and any file
+#: the decoder refuses, go through PIL
+TENSOR_DECODED = (".jpg", ".jpeg", ".png", ".webp")
 #: attributes of a dataset object read for its labels, in this order (torchvision's names)
 LABEL_ATTRIBUTES = ("targets", "labels", "_labels", "y")
 
@@ -97,7 +98,7 @@ class ImageSplit:
         """Image ``index``'s file as undecoded bytes (``uint8 [n]``), to be decoded on the training device."""
         if self.paths is None:
             raise DatasetError("only images read from files can be decoded on the device (data.decode_on_device).")
-        return read_file(self.paths[index])
+        return read_bytes(self.paths[index])
 
     def subset(self, indices: Tensor) -> ImageSplit:
         indices = torch.as_tensor(indices, dtype=torch.long)
@@ -200,16 +201,16 @@ def image_tensor(image: object, what: str) -> Tensor:
 def read_image(path: str) -> Tensor:
     """Decode one file as RGB ``uint8 [3, H, W]``, naming the file if it cannot be read.
 
-    JPEG, PNG and WebP files are decoded by torchvision into the tensor directly, without a PIL image and its copy
-    in between: the same libjpeg-turbo, the same pixels (``torch.equal`` on 2,000 CIFAR-10 JPEGs and on 400
-    ImageNet-sized ones). On a 500x375 JPEG it decodes 2.1x as fast as PIL, and with the ImageNet training
-    transform a core loads 1.37x as many images (benchmarks/loader.py). Other formats, and files torchvision's
-    decoders refuse, are read by PIL.
+    JPEG, PNG and WebP files are decoded into the tensor directly (``image_codec``: TorchCodec, or torchvision),
+    without a PIL image and its copy in between: the same libjpeg-turbo, the same pixels (``torch.equal`` on 2,000
+    CIFAR-10 JPEGs and on 400 ImageNet-sized ones). On a 500x375 JPEG it decodes 2.1x as fast as PIL, and with the
+    ImageNet training transform a core loads 1.37x as many images (benchmarks/loader.py). Other formats, and files
+    the decoder refuses, are read by PIL.
     """
-    if path.lower().endswith(TORCHVISION_DECODED):
+    if path.lower().endswith(TENSOR_DECODED):
         try:
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
-        except RuntimeError:
+            return decode_image(read_bytes(path))
+        except (ImageDecodeError, OSError):
             pass  # PIL reads more variants, and names the file when it cannot
     return read_image_with_pil(path)
 

@@ -1,13 +1,13 @@
 """JPEG decoding of a batch on the training device (nvJPEG on CUDA), for file-backed datasets (ImageNet).
 
 A core decodes and crops a few hundred ImageNet JPEGs a second, and one GPU trains on thousands: with
-``data.decode_on_device`` the loader workers only read each file's bytes, torchvision decodes the whole batch at once
-on the device (``decode_jpeg(list, device=...)``), and the transform runs there, image by image: the training
-transform drawing from each sample's own seed exactly as the CPU path does, and for evaluation and task-end features
-the test transform. On the CPU the batches are therefore identical to the
-default path's (the same libjpeg-turbo, the same draws; a test compares them); on CUDA, nvJPEG's pixels differ from
-libjpeg-turbo's by rounding. A file the batched decoder refuses (a PNG named ``.jpg``, a CMYK JPEG on CUDA) is
-read by the CPU path alone and moved to the device.
+``data.decode_on_device`` the loader workers only read each file's bytes, the whole batch is decoded at once on
+the device (one batched ``decode_jpeg`` call of ``image_codec``), and the transform runs there, image by image: the
+training transform drawing from each sample's own seed exactly as the CPU path does, and for evaluation and task-end
+features the test transform. On the CPU the batches are therefore identical to the default path's (the same
+libjpeg-turbo, the same draws; a test compares them); on CUDA, nvJPEG's pixels differ from libjpeg-turbo's by
+rounding. A file the batched decoder refuses (a PNG named ``.jpg``, a CMYK JPEG on CUDA) is read by the CPU path
+alone and moved to the device.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate
-from torchvision.io import ImageReadMode, decode_jpeg
 
+from lightning_cil.data.image_codec import ImageDecodeError, decode_jpegs
 from lightning_cil.seeding import seed_sample
 
 __all__ = ["EncodedBatch", "collate_encoded", "decode_batch"]
@@ -55,8 +55,8 @@ def decode_batch(
     file the batched decoder refuses."""
     encoded = list(torch.split(batch.data, batch.lengths.tolist()))
     try:
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:  # one file the decoder refuses fails the whole batch: decode one by one
+        images = decode_jpegs(encoded, device)
+    except ImageDecodeError:  # one file the decoder refuses fails the whole batch: decode one by one
         images = [_decode_one(data, int(j), device, read_on_cpu) for data, j in zip(encoded, batch.indices)]
     out = []
     with torch.random.fork_rng(devices=[]):
@@ -68,6 +68,6 @@ def decode_batch(
 
 def _decode_one(data: Tensor, index: int, device: torch.device, read_on_cpu: Callable[[int], Tensor]) -> Tensor:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+        return decode_jpegs([data], device)[0]
+    except ImageDecodeError:
         return read_on_cpu(index).to(device)

@@ -1,4 +1,6 @@
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,13 +225,19 @@ def test_imagenet_missing_subset_class_is_named(tmp_path):
         TaskStreamDataModule(dataset="imagenet100", root=str(tmp_path), protocol="B0_Inc10").prepare_stream()
 
 
-def test_image_files_decode_to_the_same_pixels_whoever_decodes_them(tmp_path, cifar10_small_root):
-    """JPEG, PNG and WebP go through torchvision's decoder, other formats and files it refuses through PIL: every
-    route gives the pixels PIL gives (here on real CIFAR-10 JPEGs, re-encoded at ImageNet's size too)."""
+@pytest.mark.parametrize("backend", ["torchcodec", "torchvision"])
+def test_image_files_decode_to_the_same_pixels_whoever_decodes_them(tmp_path, cifar10_small_root, monkeypatch, backend):
+    """JPEG, PNG and WebP go through the image codec (TorchCodec, or torchvision's decoders where TorchCodec cannot
+    load), other formats and files it refuses through PIL: every route, with either library, gives the pixels PIL
+    gives (here on real CIFAR-10 JPEGs, re-encoded at ImageNet's size too), and so does the batched JPEG decoder of
+    ``decode_on_device``."""
     import numpy as np
     from PIL import Image
 
+    from lightning_cil.data import image_codec
     from lightning_cil.data.datasets import read_image
+
+    monkeypatch.setattr(image_codec, "DECODERS", image_codec.load_decoders(backend))
 
     def pil(path: Path) -> torch.Tensor:
         with Image.open(path) as image:
@@ -237,17 +245,38 @@ def test_image_files_decode_to_the_same_pixels_whoever_decodes_them(tmp_path, ci
 
     jpegs = sorted((cifar10_small_root / "test").rglob("*.jpg"))[:40]
     assert jpegs and all(torch.equal(read_image(str(p)), pil(p)) for p in jpegs)
+    batch = image_codec.decode_jpegs([image_codec.read_bytes(p) for p in jpegs], "cpu")
+    assert all(torch.equal(image, pil(p)) for image, p in zip(batch, jpegs, strict=True))
     with Image.open(jpegs[0]) as image:
         rgb = image.convert("RGB").resize((500, 375), Image.BICUBIC)
     files = {"large.jpg": {"quality": 90}, "photo.png": {}, "photo.webp": {"lossless": True}, "photo.bmp": {}}
     for name, options in files.items():
         rgb.save(tmp_path / name, **options)
     rgb.convert("L").save(tmp_path / "grey.jpg")
-    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")  # torchvision may refuse it; PIL converts it
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")  # a decoder may refuse it; PIL converts it
     rgb.save(tmp_path / "really_a_png.jpg", format="PNG")
+    frames = [rgb, rgb.transpose(Image.FLIP_LEFT_RIGHT)]  # PIL reads an animated file's first frame
+    frames[0].save(tmp_path / "animated.webp", save_all=True, append_images=frames[1:], lossless=True)
     for path in sorted(tmp_path.iterdir()):
         decoded = read_image(str(path))
         assert decoded.shape[0] == 3 and torch.equal(decoded, pil(path)), path.name
+    with pytest.raises(image_codec.ImageDecodeError):
+        image_codec.decode_jpegs([image_codec.read_bytes(tmp_path / "really_a_png.jpg")], "cpu")
+
+
+def test_torchvisions_decoders_take_over_where_torchcodec_cannot_load():
+    """A missing TorchCodec, or one whose library does not load with the installed torch, leaves decoding to
+    torchvision's decoders instead of failing the import."""
+    code = (
+        "import sys; sys.modules['torchcodec'] = None\n"  # what an uninstalled (or broken) package looks like
+        "from lightning_cil.data import image_codec\n"
+        "print(image_codec.DECODERS.backend)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "torchvision"
+    from lightning_cil.data import image_codec
+
+    assert image_codec.DECODERS.backend == "torchcodec"  # installed with the project
 
 
 @pytest.mark.parametrize("preset", ["cifar10", "imagenet", "small32"])
