@@ -20,8 +20,9 @@ of ``benchmarks/harness.py``; logs in ``<dir>/logs/``. The steps:
    ``throughput_compile``: the same CIFAR rows with bf16 + ChannelsLast + CompileBackbone. Both reuse
    ``benchmarks/throughput.py`` and write a row as soon as it is measured, so a timeout keeps what was done.
 4. ``loader``: ``benchmarks/loader.py --device cuda`` on 400 ImageNet-shaped JPEGs made from the archive's images:
-   images/s per core of PIL, torchvision's CPU decoder and the stream's loader, against the loader with
-   ``data.decode_on_device`` (nvJPEG), batch 128; and with ``device_decoder: dali`` where DALI is installed.
+   images/s per core of PIL, the image codec's CPU decoders (TorchCodec, torchvision) and the stream's loader,
+   against the loader with ``data.decode_on_device`` (nvJPEG), batch 128; and with ``device_decoder: dali`` where
+   DALI is installed.
 5. ``accuracy``: ``configs/icarl_cifar10.yaml`` (Split CIFAR-10, 5 x 2, natural order, ResNet-18, 200 exemplars)
    through the CLI, with fewer epochs per task than the protocol's (stated in the result), against the published
    49.02% (Mammoth, Seq-CIFAR-10, class-IL).
@@ -57,9 +58,16 @@ WHEELS = REPO / ".whl"
 ARCHIVE = "cifar10-jpg.tar.gz"
 #: where ``--prepare`` finds the archive by default: the shared data folder beside the repository
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10" / ARCHIVE
-#: the pure-Python dependencies that the GPU machine lacks (versions tested with lightning 2.6.6): the CLI's, and
-#: torchdata (the stateful training loader)
-CLI_WHEELS = ["jsonargparse==4.53.0", "docstring-parser==0.18.0", "typeshed-client==2.15.0", "torchdata==0.11.0"]
+#: the dependencies that the GPU machine lacks (versions tested with lightning 2.6.6): the CLI's, torchdata (the
+#: stateful training loader) and TorchCodec (the image codec; where its library does not load with that machine's
+#: torch, torchvision's decoders run, and the loader step's result names the codec that ran)
+CLI_WHEELS = [
+    "jsonargparse==4.53.0",
+    "docstring-parser==0.18.0",
+    "typeshed-client==2.15.0",
+    "torchdata==0.11.0",
+    "torchcodec==0.17.0",
+]
 
 #: per-step time budgets in seconds on the GPU; together they stay under the 9-minute total
 BUDGETS = {"data": 40, "gpu_tests": 125, "throughput": 80, "throughput_compile": 100, "loader": 45, "accuracy": 120}
