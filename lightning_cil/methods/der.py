@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from lightning_cil.data.memory import Selection
 from lightning_cil.data.scenario import TaskInfo
 from lightning_cil.methods.base import TaskSchedule
+from lightning_cil.methods.feature_cache import SampleFeatureBank
 from lightning_cil.methods.rehearsal import RehearsalModule
 from lightning_cil.networks import ExpandableBackbone, IncrementalLinear
 from lightning_cil.networks.backbones import BackboneSpec
@@ -56,6 +57,10 @@ class DER(RehearsalModule):
       in that stage, so the features are computed once; 30 epochs of a linear layer then take
       milliseconds, not 30 passes through t backbones. Under DDP every rank trains the same head from
       the same gathered features and seed, and rank 0's result is broadcast.
+    - The task ends' features are computed once per (sample, extractor): the final extractors' features of the
+      exemplars are kept from the task end that computed them (:class:`SampleFeatureBank`, at most memory x
+      extractors rows), so a task end runs the old extractors on the new classes' images only, and the newest on
+      all. The numbers are those of recomputing everything (a test compares the streams).
 
     Args:
         backbone: per-task extractor (official CIFAR: ``resnet18_cifar``; ImageNet: ``resnet18``).
@@ -111,6 +116,8 @@ class DER(RehearsalModule):
         self.num_old_classes = 0
         #: per finished task, the fraction of F_t's channels its masks kept (empty without pruning)
         self.pruning_history: list[float] = []
+        #: the final extractors' features of the exemplars (see :meth:`sample_features`); not saved in checkpoints
+        self.exemplar_features = SampleFeatureBank()
 
     def _build_backbone(self, spec: BackboneSpec, in_channels: int, pretrained: str | None) -> nn.Module:
         backbone = ExpandableBackbone(spec, in_channels, pretrained)
@@ -136,6 +143,33 @@ class DER(RehearsalModule):
         if self.num_old_classes and self.hparams.balance_epochs:
             self._balance_classifier(task)
         self.update_memory(task)
+        self.exemplar_features.keep(self.memory.indices())
+
+    def sample_features(self, indices: Tensor) -> Tensor:
+        """Super-features of train-split samples under the test transform, at a task end, when every extractor is
+        final: each extractor runs only on the samples it has no kept row for, grouped so that every image is
+        loaded once per group of extractors it needs."""
+        if not self.cache_frozen_features:
+            return super().sample_features(indices)
+        extractors = list(self.backbone.extractors)
+        names = [f"extractor{i}" for i in range(len(extractors))]
+        missing = torch.stack([self.exemplar_features.missing(name, indices) for name in names], dim=1)
+        for pattern in torch.unique(missing, dim=0):
+            if not pattern.any():
+                continue
+            rows = (missing == pattern).all(dim=1)
+            needed = [extractors[i] for i in pattern.nonzero().flatten().tolist()]
+
+            def network(images: Tensor, needed: list[nn.Module] = needed) -> Tensor:
+                return torch.cat([extractor(images) for extractor in needed], dim=1)
+
+            fresh = self.extract_features(
+                self.task_data.subset(indices[rows]), network=network, dim=sum(e.out_dim for e in needed)
+            )
+            parts = fresh.split([e.out_dim for e in needed], dim=1)
+            for i, part in zip(pattern.nonzero().flatten().tolist(), parts):
+                self.exemplar_features.store(names[i], indices[rows], part)
+        return torch.cat([self.exemplar_features.rows(name, indices) for name in names], dim=1)
 
     # ------------------------------------------------------------------ training
 
@@ -196,6 +230,7 @@ class DER(RehearsalModule):
     def _prune_newest_extractor(self) -> None:
         """Binarise F_t's masks, remove its channels that are off, and drop the classifier columns reading them."""
         gates = self.backbone.gates
+        self.exemplar_features.forget(f"extractor{len(self.backbone.extractors) - 1}")  # its network changes
         kept_fraction = gates.fraction_kept()
         offset = self.backbone.out_dim - self.backbone.newest_dim
         kept = self.backbone.prune_newest().to(self.head.weight.device)
@@ -225,7 +260,7 @@ class DER(RehearsalModule):
             members = torch.nonzero(labels == label).flatten()
             new_samples.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
         indices = torch.cat([self.memory.indices(), *new_samples])
-        features = self.extract_features(data.subset(indices)).to(device)
+        features = self.sample_features(indices).to(device)
         targets = labels[indices].to(device)
 
         head = IncrementalLinear(self.backbone.out_dim, task.num_seen_classes).to(device)
@@ -273,6 +308,7 @@ class DER(RehearsalModule):
         if arch["aux_classes"]:
             self.aux_head = nn.Linear(self.backbone.newest_dim, arch["aux_classes"])
         self.num_old_classes = arch["num_old_classes"]
+        self.exemplar_features.clear()
         super().on_load_checkpoint(checkpoint)
         self.pruning_history = list(arch.get("pruning_history", []))
 

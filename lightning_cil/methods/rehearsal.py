@@ -63,8 +63,13 @@ class RehearsalModule(IncrementalModule):
         new = {}
         for label in task.new_classes:
             indices = data.members(label)
-            new[label] = (indices, self.extract_features(data.subset(indices)))
+            new[label] = (indices, self.sample_features(indices))
         self.memory.update(range(task.num_seen_classes), new)
+
+    def sample_features(self, indices: Tensor) -> Tensor:
+        """Features of train-split samples under the test transform, for herding and the methods' task-end
+        classifiers. A method whose features are partly frozen (DER) reuses what its frozen parts computed."""
+        return self.extract_features(self.task_data.subset(indices))
 
     def architecture(self) -> dict[str, Any]:
         return {**super().architecture(), "memory": self.memory.state_dict()}

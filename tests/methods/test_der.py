@@ -117,28 +117,49 @@ def test_der_keeps_first_task_accuracy_that_finetune_loses(split_cifar10):
 
 
 class _ExtractorPasses(L.Callback):
-    """Images through every extractor during the closing evaluations."""
+    """Images through every extractor during the closing evaluations and during the task ends (the hooks between a
+    fit's end and the evaluation), and per task end the task's own training samples and the memory it starts from."""
 
     def __init__(self) -> None:
-        self.images, self.testing, self.hooked = 0, False, set()
+        self.images, self.task_end_images, self.phase, self.hooked = 0, 0, None, set()
+        self.task_samples: list[int] = []
+        self.memory_before: list[int] = []
+        self.largest_class: list[int] = []  # exemplars of the memory's largest class (balancing's samples per class)
 
-    def on_test_start(self, trainer, pl_module) -> None:
-        self.testing = True
+    def _hook(self, pl_module) -> None:
         for extractor in pl_module.backbone.extractors:
             if id(extractor) not in self.hooked:
                 extractor.register_forward_pre_hook(self._count)
                 self.hooked.add(id(extractor))
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._hook(pl_module)
+        self.phase = "task_end"
+        self.task_samples.append(len(pl_module.task_data.training_set()))
+        self.memory_before.append(pl_module.memory_size())
+        exemplars = pl_module.memory.exemplars.values()
+        self.largest_class.append(max((len(v) for v in exemplars), default=0))
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._hook(pl_module)  # pruning rebuilds the newest extractor at its task end
+        self.phase = "test"
+
     def _count(self, module, inputs) -> None:
-        self.images += len(inputs[0]) if self.testing else 0
+        if self.phase == "test":
+            self.images += len(inputs[0])
+        elif self.phase == "task_end":
+            self.task_end_images += len(inputs[0])
 
     def on_test_end(self, trainer, pl_module) -> None:
-        self.testing = False
+        self.phase = None
 
 
-def test_cached_extractor_features_change_no_number_and_keep_evaluation_flat(tmp_path):
-    """Old extractors are final: with their test features cached, evaluation after task t runs extractor j < t on
-    task t's new test images only. The accuracy matrix is the one of recomputing everything."""
+@pytest.mark.parametrize("prune", [False, True], ids=["w/o P", "pruned"])
+def test_cached_extractor_features_change_no_number_and_keep_evaluation_and_task_ends_flat(tmp_path, prune):
+    """Old extractors are final: with their features cached, evaluation after task t runs extractor j < t on task
+    t's new test images only, and task t's end runs them on its new classes' samples only (the exemplars' rows
+    are kept from the task end that computed them), the newest extractor on the memory too. The accuracy matrix
+    and the memory are those of recomputing everything."""
     results = []
     for cache in (True, False):
         L.seed_everything(0)
@@ -146,15 +167,28 @@ def test_cached_extractor_features_change_no_number_and_keep_evaluation_flat(tmp
             dataset="digits", initial_classes=4, increment=3, class_order_seed=None, batch_size=64, num_workers=0
         )
         schedule = TaskSchedule(epochs=1, lr=0.05, milestones=[])
-        model = DER(backbone="resnet20", in_channels=1, schedule=schedule, memory_budget=60, balance_epochs=2)
+        model = DER(
+            backbone="resnet20", in_channels=1, schedule=schedule, memory_budget=60, balance_epochs=2, prune=prune
+        )
         model.cache_frozen_features = cache
         passes = _ExtractorPasses()
         run_stream(make_trainer(tmp_path / str(cache), callbacks=[passes]), model, dm)
         metrics = json.loads((tmp_path / str(cache) / "run" / "version_0" / "metrics.json").read_text())
         test_sizes = [m["total"] for m in [model.last_evaluation["cnn"]]][0]
-        results.append((metrics["scorers"]["cnn"]["accuracy_matrix"], passes.images, test_sizes))
-    (cached, cached_passes, sizes), (plain, plain_passes, _) = results
+        results.append((metrics["scorers"]["cnn"]["accuracy_matrix"], model, passes, test_sizes))
+    (cached, cached_model, cached_passes, sizes), (plain, plain_model, plain_passes, _) = results
     assert cached == plain
+    assert cached_model.memory.state_dict() == plain_model.memory.state_dict()
     seen = [sum(sizes[: t + 1]) for t in range(3)]
-    assert plain_passes == sum((t + 1) * seen[t] for t in range(3))  # every extractor on every seen image
-    assert cached_passes == sum(seen[t] + t * sizes[t] for t in range(3))  # the newest on all, old ones on new
+    assert plain_passes.images == sum((t + 1) * seen[t] for t in range(3))  # every extractor on every seen image
+    assert cached_passes.images == sum(seen[t] + t * sizes[t] for t in range(3))  # the newest on all, old on new
+    new, memory = cached_passes.task_samples, cached_passes.memory_before
+    assert memory[0] == 0 and memory[1] == memory[2] == 60
+    # balancing reads the memory and as many samples of each new class: without the cache every extractor runs
+    # on both, and herding then runs every extractor on the new classes' samples again
+    balanced = [memory[t] + cached_passes.largest_class[t] * 3 for t in range(3)]
+    assert plain_passes.task_end_images == sum((t + 1) * (new[t] + (balanced[t] if t else 0)) for t in range(3))
+    # with it each (sample, extractor) pair runs once: every extractor on the new samples, the newest on the memory
+    assert cached_passes.task_end_images == sum((t + 1) * new[t] + memory[t] for t in range(3))
+    # the bank keeps the exemplars' rows only: memory x extractors
+    assert len(cached_model.exemplar_features) == 60 * 3 and len(plain_model.exemplar_features) == 0
