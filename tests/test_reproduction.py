@@ -21,8 +21,10 @@ REFERENCE = json.loads((Path(__file__).parent / "reference" / "split_cifar10.jso
 #: benchmarks/README.md. The tolerance is about 2 sd: 3 points by default, 6.5 for the rehearsal methods (iCaRL's
 #: spread, assumed for WA, BiC and DER, which were not measured). That still catches LwF falling back to Finetune
 #: (-5.4) and a rehearsal method losing its memory or correction (16 to 24 points above Finetune). EWC's average
-#: is 5 points above Finetune's at this budget, near the noise: its own effect is tested on the first task
-#: (tests/methods/test_families.py).
+#: is 3-5 points above Finetune's at this budget, near the noise; its own effect is tested on the old tasks
+#: (tests/methods/test_families.py). Its seed-0 average was 35.66 on the machine that wrote the reference and 32.51
+#: on another (seeds 1, 2 there: 33.49, 34.64; LwF 34.36 / 34.33 / 37.68 against its reference 35.91), so EWC's
+#: tolerance is 4 points.
 TOLERANCE = REFERENCE["tolerance"]
 
 

@@ -9,8 +9,11 @@ import yaml
 from lightning_cil.cli import LightningCILCLI
 
 
-def _first_task_after_last(metrics: dict) -> float:
-    return metrics["scorers"]["cnn"]["accuracy_matrix"][-1][0]
+def _old_task_accuracy(metrics: dict) -> float:
+    """Mean accuracy on the earlier tasks after every later one: the cells below the matrix's diagonal."""
+    matrix = metrics["scorers"]["cnn"]["accuracy_matrix"]
+    cells = [row[task] for after, row in enumerate(matrix) for task in range(after)]
+    return sum(cells) / len(cells)
 
 
 def _restore(run_dir):
@@ -30,15 +33,19 @@ def _restore(run_dir):
 
 
 @pytest.mark.slow  # Split CIFAR-10 runs of 2-3 min each on 2 cores
-def test_lwf_and_ewc_keep_first_task_accuracy_that_finetune_loses(split_cifar10):
-    """Calibration (seed 0): task 0 after the last task: Finetune 0.0%, LwF 14.5%, EWC 22.0% (rows of task 0
-    over the stream: LwF 78.0 / 46.5 / 31.0 / 26.5 / 14.5, EWC 78.0 / 71.0 / 56.0 / 54.0 / 22.0)."""
-    finetune = _first_task_after_last(split_cifar10("finetune"))
-    lwf = _first_task_after_last(split_cifar10("lwf"))
-    ewc = _first_task_after_last(split_cifar10("ewc"))
-    assert finetune < 5
-    assert lwf > finetune + 10, (lwf, finetune)
-    assert ewc > finetune + 5, (ewc, finetune)
+def test_lwf_and_ewc_keep_old_task_accuracy_that_finetune_loses(split_cifar10):
+    """Finetune keeps nothing of the earlier tasks; LwF and EWC keep part of them.
+
+    The measure is the mean of the matrix's cells below the diagonal (10 cells of 200 test images), not one cell:
+    the first task's accuracy after the last was 14.5% for LwF on one machine and 1.0% on another with the same
+    code and seed, and a change of seed moves it as far (LwF 0.5% at seed 1, EWC 0.0% at seed 2). Calibration (one
+    machine, seeds 0 / 1 / 2): Finetune 0.0 / 0.0 / 0.0, LwF 14.8 / 13.6 / 20.0, EWC 18.7 / 16.1 / 20.0."""
+    finetune = _old_task_accuracy(split_cifar10("finetune"))
+    lwf = _old_task_accuracy(split_cifar10("lwf"))
+    ewc = _old_task_accuracy(split_cifar10("ewc"))
+    assert finetune < 2, finetune
+    assert lwf > finetune + 8, (lwf, finetune)
+    assert ewc > finetune + 8, (ewc, finetune)
 
 
 @pytest.mark.slow  # Split CIFAR-10 runs of 2-3 min each on 2 cores
