@@ -50,7 +50,9 @@ def test_dry_run_runs_every_step_and_records_the_machine_in_every_result(tmp_pat
     assert steps["throughput_compile"]["compile_disabled"]
 
     loader = steps["loader"]["images_per_second_per_core"]
-    assert loader["stream_train_loader_decode_on_cpu"] > 0 and steps["loader"]["pixel_mismatches"] == 0
+    assert loader["stream_train_loader_decode_on_cpu"] > 0
+    mismatches = steps["loader"]["pixel_mismatches"]  # per decoding library, against PIL
+    assert steps["loader"]["codec"] in mismatches and set(mismatches.values()) == {0}, mismatches
     accuracy = steps["accuracy"]
     assert accuracy["tasks_completed"] == 5 and len(accuracy["accuracy_seen_per_task"]) == 5
     assert accuracy["epochs_per_task"] == 1 and accuracy["protocol_epochs_per_task"] == 50
