@@ -130,7 +130,9 @@ def _with_link_targets(path: str) -> Iterator[str]:
 def _base_files() -> list[str]:
     """Absolute paths of everything the stand-in base image needs."""
     site = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    files = set(_with_link_targets(sys.executable))
+    # The Dockerfile runs `python`; pytest's interpreter may be the environment's `python3` link.
+    bin_dir = os.path.dirname(sys.executable)
+    files = {sys.executable, *(os.path.join(bin_dir, name) for name in ("python", "python3"))}
     for top, dirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
         dirs[:] = [d for d in dirs if os.path.join(top, d) not in site]
         files.update(os.path.join(top, n) for n in names)
